@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` and `make test`. Everything installs into .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench bench-quick bundled install
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[edge,hub,bench,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedge-hub demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.encode
+	$(BIN)/python -m bench.fgl --quick
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.encode
+	$(BIN)/python -m bench.fgl
+
+# Rebuild the committed foundation models (digits about 12 min, mnist about 25 min on 2 cores).
+bundled: $(STAMP)
+	$(BIN)/fedge-hub foundation train --dataset digits
+	$(BIN)/fedge-hub foundation train --dataset mnist

@@ -1,0 +1,369 @@
+"""bench/fgl: fedge one round against centralized, local-only, Flower FedAvg, linear-probe FedAvg, nearest prototype.
+
+One split per dataset (the bundled foundation model's own: public / private / test), private data
+spread over N sites by Dirichlet(alpha) over labels. Writes bench/results/fgl.json, fgl.md, fgl.png.
+
+    python -m bench.fgl            # full grid (both datasets, alpha 0.1/0.5/100, N 5/20, k 1/4/16)
+    python -m bench.fgl --quick    # digits, alpha 0.1, N 5: a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import bundled
+from bench.baselines import LinearHead, local_only, nearest_prototype, run_fedavg
+from edge.contribution import make_contribution
+from edge.encoder import OnnxEncoder
+from hub import datasets
+from hub.classifier import SmallCNN, accuracy, predict, train_classifier
+from hub.export import export_classifier
+from hub.foundation.bundle import load as load_foundation
+from hub.rounds import TrainConfig, run_round
+from hub.synthesis import SynthesisConfig, Synthesizer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What one run covers."""
+
+    datasets: tuple[str, ...] = ("digits", "mnist")
+    alphas: tuple[float, ...] = (0.1, 0.5, 100.0)
+    sites: tuple[int, ...] = (5, 20)
+    ks: tuple[int, ...] = (1, 4, 16)
+    fedavg_rounds: int = 50
+    local_epochs: int = 2
+    fedavg_lr: float = 0.05
+    probe_lr: float = 0.5
+    epochs: int = 30
+    min_group_size: int = 5
+    seed: int = 0
+
+
+QUICK = Grid(datasets=("digits",), alphas=(0.1,), sites=(5,), ks=(1, 4, 16))
+
+# Synthetic samples per real sample: lower for MNIST, whose generator is about 3x slower per image.
+SYNTHESIS = {"digits": SynthesisConfig(samples_per_count=2.0), "mnist": SynthesisConfig(samples_per_count=1.0)}
+
+
+def row(
+    dataset: str,
+    alpha: float,
+    n: int,
+    method: str,
+    k: int | None,
+    rounds: int,
+    acc: float,
+    up: float,
+    down: float,
+    wall: float,
+    **extra: object,
+) -> dict:
+    """One result row."""
+    return {
+        "dataset": dataset, "alpha": alpha, "sites": n, "method": method, "k": k, "rounds": rounds,
+        "accuracy": round(acc, 4), "bytes_up_per_site": int(round(up)), "bytes_down_per_site": int(round(down)),
+        "wall_s": round(wall, 2), **extra,
+    }  # fmt: skip
+
+
+def onnx_size(model: SmallCNN) -> int:
+    """Bytes of the model as fedge ships it (ONNX)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "m.onnx"
+        export_classifier(model, p)
+        return p.stat().st_size
+
+
+def run_dataset(name: str, grid: Grid, cache_dir: Path, log) -> list[dict]:
+    """Every method at every (alpha, N) for one dataset."""
+    data = datasets.load(name)
+    fm = load_foundation(bundled.path(name))
+    ds = fm.manifest["dataset"]
+    sp = datasets.split(len(data.labels), ds["split_seed"], ds["public_frac"], ds["test_frac"])
+    if sp.public_hash() != ds["public_indices_sha256"]:
+        raise RuntimeError(f"split of {name} differs from the one the bundled model was trained on")
+    nc = len(data.label_names)
+    test = (data.images[sp.test], data.labels[sp.test])
+    encoder = OnnxEncoder(bundled.path(name) / "encoder.onnx")  # the edge's own encoder path
+    emb = np.zeros((len(data.labels), fm.dim), np.float32)
+    used = np.concatenate([sp.private, sp.test])
+    emb[used] = encoder.encode(data.images[used])
+    pixel_bytes = int(np.prod(data.images.shape[1:]))  # raw 8-bit pixels per image
+    synth_cfg = replace(SYNTHESIS.get(name, SynthesisConfig()), seed=grid.seed)
+    train_cfg = TrainConfig(epochs=grid.epochs, seed=grid.seed)
+
+    t = time.perf_counter()
+    central = train_classifier(
+        data.images[sp.private], data.labels[sp.private], nc, epochs=grid.epochs, seed=grid.seed, balance=False
+    )
+    central_acc, central_s = accuracy(central, *test), time.perf_counter() - t
+    model_bytes = onnx_size(central)
+    log(f"[{name}] centralized {central_acc:.4f}; model {model_bytes} B as ONNX")
+
+    rows = []
+    for alpha in grid.alphas:
+        for n in grid.sites:
+            parts = datasets.dirichlet_sites(data.labels, sp.private, n, alpha, seed=grid.seed)
+            sites = [(data.images[p], data.labels[p]) for p in parts]
+            mean_n = float(np.mean([len(p) for p in parts]))
+            tag = f"[{name} a={alpha} N={n}]"
+            rows.append(row(name, alpha, n, "centralized", None, 1, central_acc, mean_n * pixel_bytes, model_bytes, central_s,
+                            note="raw 8-bit pixels uploaded"))  # fmt: skip
+
+            t = time.perf_counter()
+            lo_mean, lo_std = local_only(sites, test, nc, grid.epochs, seed=grid.seed)
+            rows.append(
+                row(
+                    name,
+                    alpha,
+                    n,
+                    "local-only",
+                    None,
+                    0,
+                    lo_mean,
+                    0,
+                    0,
+                    time.perf_counter() - t,
+                    accuracy_std=round(lo_std, 4),
+                )
+            )
+            log(f"{tag} local-only {lo_mean:.4f}")
+
+            fa = run_fedavg(
+                lambda: SmallCNN(data.image_size, nc),
+                sites,
+                test,
+                grid.fedavg_rounds,
+                grid.local_epochs,
+                grid.fedavg_lr,
+                seed=grid.seed,
+            )
+            rows.append(
+                row(
+                    name,
+                    alpha,
+                    n,
+                    "fedavg",
+                    None,
+                    grid.fedavg_rounds,
+                    fa.accuracy,
+                    fa.bytes_up_per_site,
+                    fa.bytes_down_per_site,
+                    fa.wall_s,
+                    curve=fa.curve,
+                )
+            )
+            log(f"{tag} fedavg {fa.accuracy:.4f} ({fa.bytes_up_per_site:.0f} B up/site)")
+
+            probe_sites = [(emb[p], data.labels[p]) for p in parts]
+            pr = run_fedavg(lambda: LinearHead(fm.dim, nc), probe_sites, (emb[sp.test], data.labels[sp.test]),
+                            grid.fedavg_rounds, grid.local_epochs, grid.probe_lr, seed=grid.seed)  # fmt: skip
+            rows.append(
+                row(
+                    name,
+                    alpha,
+                    n,
+                    "fedavg-linear-probe",
+                    None,
+                    grid.fedavg_rounds,
+                    pr.accuracy,
+                    pr.bytes_up_per_site,
+                    pr.bytes_down_per_site,
+                    pr.wall_s,
+                    curve=pr.curve,
+                )
+            )
+            log(f"{tag} fedavg linear probe {pr.accuracy:.4f}")
+
+            synthesizer = Synthesizer(fm, synth_cfg, cache_dir=cache_dir, progress=False)
+            for k in grid.ks:
+                t = time.perf_counter()
+                contribs = [
+                    make_contribution(
+                        f"site{s:02d}",
+                        fm.encoder_id,
+                        emb[p],
+                        np.array(data.label_names)[data.labels[p]],
+                        k=k,
+                        min_group_size=grid.min_group_size,
+                        seed=grid.seed,
+                    )  # fmt: skip
+                    for s, p in enumerate(parts)
+                ]
+                encode_s = time.perf_counter() - t
+                up = float(np.mean([len(c.to_json_bytes()) for c in contribs]))
+                np_acc = nearest_prototype(contribs, emb[sp.test], data.labels[sp.test], data.label_names)
+                rows.append(row(name, alpha, n, "nearest-prototype", k, 1, np_acc, up, 0, encode_s))
+                result = run_round(contribs, synthesizer, train_cfg)
+                index = [data.label_names.index(x) for x in result.label_names]
+                pred = np.array(index)[predict(result.model, test[0])]
+                acc = float((pred == test[1]).mean())
+                rows.append(row(name, alpha, n, "fedge", k, 1, acc, up, model_bytes, encode_s + result.synthesis_s + result.training_s,
+                                synthetic_samples=int(len(result.synthetic.labels)), synthesis_s=round(result.synthesis_s, 2)))  # fmt: skip
+                log(f"{tag} k={k}: nearest-prototype {np_acc:.4f}, fedge {acc:.4f} ({up:.0f} B up/site, "
+                    f"{len(result.synthetic.labels)} synthetic, {result.synthesis_s:.1f}+{result.training_s:.1f} s)")  # fmt: skip
+    return rows
+
+
+def acceptance(rows: list[dict]) -> list[dict]:
+    """For every (dataset, alpha=0.1, N): fedge's best k against FedAvg-50 and nearest prototype of the same k."""
+    out = []
+    for ds, alpha, n in sorted({(r["dataset"], r["alpha"], r["sites"]) for r in rows}):
+        if alpha != 0.1:
+            continue
+        grp = [r for r in rows if (r["dataset"], r["alpha"], r["sites"]) == (ds, alpha, n)]
+        fedge = max((r for r in grp if r["method"] == "fedge"), key=lambda r: r["accuracy"])
+        fedavg = next(r for r in grp if r["method"] == "fedavg")
+        npc = next(r for r in grp if r["method"] == "nearest-prototype" and r["k"] == fedge["k"])
+        ratio_up = fedge["bytes_up_per_site"] / fedavg["bytes_up_per_site"]
+        total = (fedge["bytes_up_per_site"] + fedge["bytes_down_per_site"]) / (
+            fedavg["bytes_up_per_site"] + fedavg["bytes_down_per_site"]
+        )
+        out.append({
+            "dataset": ds, "alpha": alpha, "sites": n, "fedge_k": fedge["k"], "fedge": fedge["accuracy"],
+            "fedavg": fedavg["accuracy"], "nearest_prototype": npc["accuracy"], "bytes_up_ratio": ratio_up,
+            "bytes_total_ratio": total,
+            "beats_fedavg": fedge["accuracy"] >= fedavg["accuracy"], "beats_nearest_prototype": fedge["accuracy"] > npc["accuracy"],
+            "up_within_1_1000": ratio_up <= 1e-3,
+        })  # fmt: skip
+    return out
+
+
+def fmt_bytes(b: float) -> str:
+    """Human-readable bytes."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if b < 1000 or unit == "GB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1000
+    return f"{b:.1f} GB"
+
+
+def markdown(rows: list[dict], checks: list[dict], meta: dict) -> str:
+    """The results as Markdown tables."""
+    lines = [
+        "# bench/fgl results",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; total wall time {meta['wall_s']:.0f} s.",
+        "",
+    ]
+    lines += [
+        "## Acceptance (alpha = 0.1)",
+        "",
+        "| dataset | N | fedge best k | fedge acc | FedAvg-50 acc | nearest-prototype acc (same k) | up bytes fedge/FedAvg | total bytes fedge/FedAvg | fedge >= FedAvg | fedge > NP | up <= 1/1000 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        yes = lambda b: "yes" if b else "**no**"  # noqa: E731
+        lines.append(f"| {c['dataset']} | {c['sites']} | {c['fedge_k']} | {c['fedge']:.4f} | {c['fedavg']:.4f} | {c['nearest_prototype']:.4f} | "
+                     f"1/{1 / c['bytes_up_ratio']:.0f} | 1/{1 / c['bytes_total_ratio']:.0f} | {yes(c['beats_fedavg'])} | {yes(c['beats_nearest_prototype'])} | {yes(c['up_within_1_1000'])} |")  # fmt: skip
+    lines += ["", "Bytes are per site. Up: what a site sends (fedge: its contribution JSON; FedAvg: Flower's serialized parameters, every round). "
+              "Down: what a site receives (fedge: the global model as ONNX, once). Centralized uploads raw 8-bit pixels.", ""]  # fmt: skip
+    for ds, alpha, n in sorted({(r["dataset"], r["alpha"], r["sites"]) for r in rows}):
+        lines += [
+            f"## {ds}, alpha = {alpha}, N = {n}",
+            "",
+            "| method | k | rounds | accuracy | bytes up/site | bytes down/site | wall s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in (r for r in rows if (r["dataset"], r["alpha"], r["sites"]) == (ds, alpha, n)):
+            acc = f"{r['accuracy']:.4f}" + (f" ± {r['accuracy_std']:.3f}" if "accuracy_std" in r else "")
+            lines.append(
+                f"| {r['method']} | {r['k'] or ''} | {r['rounds']} | {acc} | {fmt_bytes(r['bytes_up_per_site'])} | {fmt_bytes(r['bytes_down_per_site'])} | {r['wall_s']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against bytes up per site (log x), one panel per dataset and N at alpha = 0.1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["dataset"], r["sites"]) for r in rows if r["alpha"] == 0.1})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    style = {"fedge": "o-", "nearest-prototype": "s--", "fedavg": "^", "fedavg-linear-probe": "v", "centralized": "*"}
+    for ax, (ds, n) in zip(axes[0], panels, strict=True):
+        grp = [r for r in rows if r["dataset"] == ds and r["sites"] == n and r["alpha"] == 0.1]
+        for method, st in style.items():
+            pts = sorted(
+                (r["bytes_up_per_site"], r["accuracy"])
+                for r in grp
+                if r["method"] == method and r["bytes_up_per_site"] > 0
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), st, label=method, markersize=8)
+        lo = next((r for r in grp if r["method"] == "local-only"), None)
+        if lo:
+            ax.axhline(lo["accuracy"], color="gray", ls=":", label="local-only (0 B)")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes sent per site")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{ds}, Dirichlet 0.1, {n} sites")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the grid and write the results."""
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.fgl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="digits, alpha 0.1, N 5 only")
+    ap.add_argument("--datasets", nargs="+", help="override the datasets")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--cache", type=Path, help="synthesis cache directory (default: a temporary one)")
+    args = ap.parse_args(argv)
+    grid = QUICK if args.quick else Grid()
+    if args.datasets:
+        grid = replace(grid, datasets=tuple(args.datasets))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    start = time.perf_counter()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = args.cache or Path(tmp)
+        for name in grid.datasets:
+            rows += run_dataset(
+                name, grid, cache, lambda s: print(f"{time.perf_counter() - start:7.1f}s {s}", flush=True)
+            )
+    checks = acceptance(rows)
+    import os
+    import platform
+
+    meta = {
+        "command": "python -m bench.fgl"
+        + (" --quick" if args.quick else "")
+        + (f" --datasets {' '.join(args.datasets)}" if args.datasets else ""),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "wall_s": time.perf_counter() - start,
+        "grid": asdict(grid),
+        "synthesis": {k: asdict(v) for k, v in SYNTHESIS.items()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "fgl-quick" if args.quick else "fgl"
+    (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (args.out / f"{stem}.summary.json").write_text(json.dumps({"meta": meta, "acceptance": checks}, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(rows, checks, meta) + "\n")
+    plot(rows, args.out / f"{stem}.png")
+    print(markdown([], checks, meta))
+    print(f"wrote {args.out / stem}.json, .summary.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""The local data layout sites bring: `<data_dir>/<label>/<sample_id>.<png|jpg|npy>` + optional metadata.csv.
+
+`metadata.csv` has columns `sample_id,label,timestamp` (ISO 8601); where it gives a timestamp the
+sample gets it, otherwise the file's modification time. Numpy only; Pillow is imported for images.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
+
+
+@dataclass(frozen=True)
+class LocalSample:
+    """One sample of a site's local store."""
+
+    sample_id: str
+    label: str
+    path: Path
+    timestamp: datetime
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One sample as float32 [H, W] in [0, 1]: grayscale PNG/JPEG, or a 2-D .npy already in [0, 1]."""
+    if path.suffix.lower() == ".npy":
+        arr = np.load(path, allow_pickle=False).astype(np.float32)
+        if arr.ndim != 2:
+            raise ValueError(f"{path}: expected a 2-D array, got shape {arr.shape}")
+        return arr
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
+def scan(data_dir: Path) -> list[LocalSample]:
+    """Every sample under `data_dir`, sorted by label then id."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data folder {data_dir} does not exist")
+    stamps: dict[str, datetime] = {}
+    meta = data_dir / "metadata.csv"
+    if meta.is_file():
+        with open(meta, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("timestamp"):
+                    ts = datetime.fromisoformat(row["timestamp"])
+                    stamps[row["sample_id"]] = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    out = []
+    for label_dir in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        for f in sorted(label_dir.iterdir()):
+            if f.is_file() and f.suffix.lower() in SUFFIXES:
+                ts = stamps.get(f.stem) or datetime.fromtimestamp(f.stat().st_mtime, UTC)
+                out.append(LocalSample(f.stem, label_dir.name, f, ts))
+    return out
+
+
+def load_images(samples: list[LocalSample]) -> np.ndarray:
+    """Stack samples into [N, 1, H, W] float32; all must share one square size."""
+    if not samples:
+        return np.zeros((0, 1, 0, 0), np.float32)
+    images = [read_image(s.path) for s in samples]
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"samples have different sizes: {sorted(shapes)}")
+    return np.stack(images)[:, None]

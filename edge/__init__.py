@@ -1,0 +1,1 @@
+"""fedge edge: encodes local data with onnxruntime and publishes prototypes. Never imports torch."""

@@ -1,0 +1,82 @@
+"""`fedge-hub`: the hub side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """One round from contribution files: synthesize, train, export ONNX, publish a version."""
+    from pydantic import ValidationError
+
+    from contract.payloads import Contribution
+    from edge.cli import resolve_bundle
+    from hub.foundation.bundle import load
+    from hub.registry import ModelRegistry
+    from hub.rounds import TrainConfig, publish, run_round
+    from hub.synthesis import SynthesisConfig, Synthesizer
+
+    contributions = []
+    for f in args.contributions:
+        try:
+            contributions.append(Contribution.model_validate_json(Path(f).read_bytes()))
+        except ValidationError as err:
+            print(f"error: {f} is not a valid contribution:\n{err}", file=sys.stderr)
+            return 2
+    fm = load(resolve_bundle(args.bundle))
+    synth = Synthesizer(
+        fm, SynthesisConfig(samples_per_count=args.samples_per_count, seed=args.seed), cache_dir=args.cache
+    )
+    result = run_round(contributions, synth, TrainConfig(epochs=args.epochs, seed=args.seed))
+    version = publish(result, ModelRegistry(args.models), contributions, {"foundation": fm.encoder_id})
+    print(
+        json.dumps(
+            {
+                k: version.manifest[k]
+                for k in ("version", "sha256", "size_bytes", "synthetic_samples", "synthesis_s", "training_s")
+            },
+            indent=1,
+        )
+    )
+    print(f"model: {version.path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fedge-hub`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from hub.demo import main as demo_main
+
+        return demo_main(argv[1:])
+    if argv[:2] == ["foundation", "train"]:
+        from hub.foundation.train import main as train_main
+
+        return train_main(argv[2:])
+    if argv[:2] == ["foundation", "evaluate"]:
+        from hub.foundation.train import evaluate_main
+
+        return evaluate_main(argv[2:])
+    ap = argparse.ArgumentParser(prog="fedge-hub", description="fedge hub: synthesize from prototypes, train, unlearn")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    fnd = sub.add_parser("foundation", help="foundation model commands: `fedge-hub foundation train --help`")
+    fnd.add_argument("action", choices=["train", "evaluate"])
+    sub.add_parser("demo", help="three sites, one round, offline: `fedge-hub demo --help`")
+    tr = sub.add_parser("train", help="run one round from contribution JSON files")
+    tr.add_argument("contributions", nargs="+", type=Path)
+    tr.add_argument("--bundle", default="digits")
+    tr.add_argument("--models", type=Path, default=Path("var/hub/models"))
+    tr.add_argument("--cache", type=Path, default=Path("var/hub/synthesis-cache"))
+    tr.add_argument("--samples-per-count", type=float, default=2.0)
+    tr.add_argument("--epochs", type=int, default=30)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(fn=cmd_train)
+    args = ap.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
