@@ -15,6 +15,7 @@ import itertools
 import json
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +28,8 @@ from hub.foundation.bundle import load as load_foundation
 from hub.rounds import TrainConfig, run_round
 from hub.synthesis import SynthesisConfig, Synthesizer
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
 
 def main(argv: list[str] | None = None) -> int:
     """Grid over guidance, jitter and samples per count; prints validation accuracy per setting."""
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jitter", type=float, nargs="+", default=[0.5, 1.0])
     ap.add_argument("--samples-per-count", type=float, nargs="+", default=[2.0])
     ap.add_argument("--epochs", type=int, nargs="+", default=[30])
+    ap.add_argument("--cache", type=Path, help="synthesis cache (reused across classifier-only variants)")
     args = ap.parse_args(argv)
     data = datasets.load(args.dataset)
     fm = load_foundation(bundled.path(args.dataset))
@@ -58,15 +62,28 @@ def main(argv: list[str] | None = None) -> int:
         for g, j, spc, ep in itertools.product(args.guidance, args.jitter, args.samples_per_count, args.epochs):
             cfg = replace(SynthesisConfig(), guidance=g, jitter_scale=j, samples_per_count=spc)
             t = time.perf_counter()
-            r = run_round(contribs, Synthesizer(fm, cfg, progress=False), TrainConfig(epochs=ep))
+            r = run_round(contribs, Synthesizer(fm, cfg, cache_dir=args.cache, progress=False), TrainConfig(epochs=ep))
             index = np.array([data.label_names.index(x) for x in r.label_names])
             acc = float((index[predict(r.model, data.images[val])] == data.labels[val]).mean())
-            results.append({"sites": n, "k": k, **asdict(cfg), "epochs": ep, "val_accuracy": acc})
+            results.append(
+                {
+                    "dataset": args.dataset,
+                    "sites": n,
+                    "k": k,
+                    **asdict(cfg),
+                    "epochs": ep,
+                    "val_accuracy": acc,
+                    "wall_s": round(time.perf_counter() - t, 1),
+                }
+            )
             print(
                 f"N={n} k={k} guidance={g} jitter={j} spc={spc} epochs={ep}: {acc:.4f} ({time.perf_counter() - t:.0f} s)",
                 flush=True,
             )
-    print(json.dumps(results))
+    out = RESULTS / f"tune_synthesis-{args.dataset}.json"
+    previous = json.loads(out.read_text()) if out.is_file() else []
+    out.write_text(json.dumps(previous + results, indent=1) + "\n")
+    print(f"appended {len(results)} rows to {out}")
     return 0
 
 

@@ -26,10 +26,13 @@ from hub.foundation.generator import jitter, sample
 class SynthesisConfig:
     """How many samples per prototype and how they are drawn."""
 
-    samples_per_count: float = 2.0  # synthetic samples per real sample a prototype stands for
+    samples_per_count: float = 4.0  # synthetic samples per real sample a prototype stands for
     min_per_prototype: int = 8
     max_per_prototype: int = 256
-    guidance: float = 2.0
+    # 1.0 = no classifier-free guidance. Higher scales raise class fidelity (bundled manifests,
+    # quality.guidance_sweep) but cost diversity; the downstream classifier did best at 1.0
+    # (bench/results/tune_synthesis-digits.json).
+    guidance: float = 1.0
     steps: int = 15
     jitter_scale: float = 1.0  # multiplies the site-reported spread around each prototype
     batch_size: int = 512
