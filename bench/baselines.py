@@ -101,7 +101,7 @@ def run_fedavg(
     client = make_model()
     for rnd in range(1, rounds + 1):
         weights = parameters_to_ndarrays(params)
-        down += parameters_bytes(params)
+        down += parameters_bytes(params) * len(sites)  # every site downloads the global model
         results = []
         for s, (x, y) in enumerate(sites):
             set_weights(client, weights)

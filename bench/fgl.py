@@ -87,8 +87,11 @@ def onnx_size(model: SmallCNN) -> int:
         return p.stat().st_size
 
 
-def run_dataset(name: str, grid: Grid, cache_dir: Path, log) -> list[dict]:
-    """Every method at every (alpha, N) for one dataset."""
+METHODS = ("centralized", "local-only", "fedavg", "fedavg-linear-probe", "fedge")  # fedge includes nearest-prototype
+
+
+def run_dataset(name: str, grid: Grid, cache_dir: Path, log, methods: tuple[str, ...] = METHODS) -> list[dict]:
+    """Every method in `methods` at every (alpha, N) for one dataset."""
     data = datasets.load(name)
     fm = load_foundation(bundled.path(name))
     ds = fm.manifest["dataset"]
@@ -120,74 +123,75 @@ def run_dataset(name: str, grid: Grid, cache_dir: Path, log) -> list[dict]:
             sites = [(data.images[p], data.labels[p]) for p in parts]
             mean_n = float(np.mean([len(p) for p in parts]))
             tag = f"[{name} a={alpha} N={n}]"
-            rows.append(row(name, alpha, n, "centralized", None, 1, central_acc, mean_n * pixel_bytes, model_bytes, central_s,
-                            note="raw 8-bit pixels uploaded"))  # fmt: skip
+            if "centralized" in methods:
+                rows.append(row(name, alpha, n, "centralized", None, 1, central_acc, mean_n * pixel_bytes, model_bytes, central_s,
+                                note="raw 8-bit pixels uploaded"))  # fmt: skip
 
-            t = time.perf_counter()
-            lo_mean, lo_std = local_only(sites, test, nc, grid.epochs, seed=grid.seed)
-            rows.append(
-                row(
-                    name,
-                    alpha,
-                    n,
-                    "local-only",
-                    None,
-                    0,
-                    lo_mean,
-                    0,
-                    0,
-                    time.perf_counter() - t,
-                    accuracy_std=round(lo_std, 4),
+            if "local-only" in methods:
+                t = time.perf_counter()
+                lo_mean, lo_std = local_only(sites, test, nc, grid.epochs, seed=grid.seed)
+                wall = time.perf_counter() - t
+                rows.append(
+                    row(name, alpha, n, "local-only", None, 0, lo_mean, 0, 0, wall, accuracy_std=round(lo_std, 4))
                 )
-            )
-            log(f"{tag} local-only {lo_mean:.4f}")
+                log(f"{tag} local-only {lo_mean:.4f}")
 
-            fa = run_fedavg(
-                lambda: SmallCNN(data.image_size, nc),
-                sites,
-                test,
-                grid.fedavg_rounds,
-                grid.local_epochs,
-                grid.fedavg_lr,
-                seed=grid.seed,
-            )
-            rows.append(
-                row(
-                    name,
-                    alpha,
-                    n,
-                    "fedavg",
-                    None,
+            if "fedavg" in methods:
+                make_cnn = lambda: SmallCNN(data.image_size, nc)  # noqa: E731
+                fa = run_fedavg(
+                    make_cnn, sites, test, grid.fedavg_rounds, grid.local_epochs, grid.fedavg_lr, seed=grid.seed
+                )
+                up, down = fa.bytes_up_per_site, fa.bytes_down_per_site
+                rows.append(
+                    row(
+                        name,
+                        alpha,
+                        n,
+                        "fedavg",
+                        None,
+                        grid.fedavg_rounds,
+                        fa.accuracy,
+                        up,
+                        down,
+                        fa.wall_s,
+                        curve=fa.curve,
+                    )
+                )
+                log(f"{tag} fedavg {fa.accuracy:.4f} ({up:.0f} B up/site, {down:.0f} B down/site)")
+
+            if "fedavg-linear-probe" in methods:
+                probe_sites = [(emb[p], data.labels[p]) for p in parts]
+                probe_test = (emb[sp.test], data.labels[sp.test])
+                make_head = lambda: LinearHead(fm.dim, nc)  # noqa: E731
+                pr = run_fedavg(
+                    make_head,
+                    probe_sites,
+                    probe_test,
                     grid.fedavg_rounds,
-                    fa.accuracy,
-                    fa.bytes_up_per_site,
-                    fa.bytes_down_per_site,
-                    fa.wall_s,
-                    curve=fa.curve,
+                    grid.local_epochs,
+                    grid.probe_lr,
+                    seed=grid.seed,
                 )
-            )
-            log(f"{tag} fedavg {fa.accuracy:.4f} ({fa.bytes_up_per_site:.0f} B up/site)")
-
-            probe_sites = [(emb[p], data.labels[p]) for p in parts]
-            pr = run_fedavg(lambda: LinearHead(fm.dim, nc), probe_sites, (emb[sp.test], data.labels[sp.test]),
-                            grid.fedavg_rounds, grid.local_epochs, grid.probe_lr, seed=grid.seed)  # fmt: skip
-            rows.append(
-                row(
-                    name,
-                    alpha,
-                    n,
-                    "fedavg-linear-probe",
-                    None,
-                    grid.fedavg_rounds,
-                    pr.accuracy,
-                    pr.bytes_up_per_site,
-                    pr.bytes_down_per_site,
-                    pr.wall_s,
-                    curve=pr.curve,
+                up, down = pr.bytes_up_per_site, pr.bytes_down_per_site
+                rows.append(
+                    row(
+                        name,
+                        alpha,
+                        n,
+                        "fedavg-linear-probe",
+                        None,
+                        grid.fedavg_rounds,
+                        pr.accuracy,
+                        up,
+                        down,
+                        pr.wall_s,
+                        curve=pr.curve,
+                    )
                 )
-            )
-            log(f"{tag} fedavg linear probe {pr.accuracy:.4f}")
+                log(f"{tag} fedavg linear probe {pr.accuracy:.4f}")
 
+            if "fedge" not in methods:
+                continue
             synthesizer = Synthesizer(fm, synth_cfg, cache_dir=cache_dir, progress=False)
             for k in grid.ks:
                 t = time.perf_counter()
@@ -256,10 +260,10 @@ def markdown(rows: list[dict], checks: list[dict], meta: dict) -> str:
     lines = [
         "# bench/fgl results",
         "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; total wall time {meta['wall_s']:.0f} s.",
+        f"Machine: {meta['machine']}. Runs, in order (a later run replaces the rows of the methods it names):",
         "",
     ]
+    lines += [f"- `{r['command']}`: {r['wall_s']:.0f} s" for r in meta["runs"]] + [""]
     lines += [
         "## Acceptance (alpha = 0.1)",
         "",
@@ -330,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", nargs="+", help="override the datasets")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--cache", type=Path, help="synthesis cache directory (default: a temporary one)")
+    ap.add_argument(
+        "--only", nargs="+", choices=METHODS, help="re-run these methods and replace their rows in the existing results"
+    )
     args = ap.parse_args(argv)
+    methods = tuple(args.only) if args.only else METHODS
     grid = QUICK if args.quick else Grid()
     if args.datasets:
         grid = replace(grid, datasets=tuple(args.datasets))
@@ -341,23 +349,37 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache or Path(tmp)
         for name in grid.datasets:
             rows += run_dataset(
-                name, grid, cache, lambda s: print(f"{time.perf_counter() - start:7.1f}s {s}", flush=True)
+                name, grid, cache, lambda s: print(f"{time.perf_counter() - start:7.1f}s {s}", flush=True), methods
             )
+    stem = "fgl-quick" if args.quick else "fgl"
+    command = (
+        "python -m bench.fgl"
+        + (" --quick" if args.quick else "")
+        + (f" --datasets {' '.join(args.datasets)}" if args.datasets else "")
+        + (f" --only {' '.join(args.only)}" if args.only else "")
+    )
+    runs = [{"command": command, "wall_s": round(time.perf_counter() - start, 1)}]
+    if args.only:
+        # Replace exactly the re-run (dataset, method) rows; every other row stays as it was measured.
+        redone = {(r["dataset"], r["method"]) for r in rows}
+        kept = [
+            r for r in json.loads((args.out / f"{stem}.json").read_text()) if (r["dataset"], r["method"]) not in redone
+        ]
+        order = {m: i for i, m in enumerate(("centralized", "local-only", "fedavg", "fedavg-linear-probe"))}
+        key = lambda r: (r["dataset"], r["alpha"], r["sites"], order.get(r["method"], 9), r["k"] or 0, r["method"])  # noqa: E731
+        rows = sorted(kept + rows, key=key)
+        runs = json.loads((args.out / f"{stem}.summary.json").read_text())["meta"]["runs"] + runs
     checks = acceptance(rows)
     import os
     import platform
 
     meta = {
-        "command": "python -m bench.fgl"
-        + (" --quick" if args.quick else "")
-        + (f" --datasets {' '.join(args.datasets)}" if args.datasets else ""),
+        "runs": runs,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "wall_s": time.perf_counter() - start,
         "grid": asdict(grid),
         "synthesis": {k: asdict(v) for k, v in SYNTHESIS.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "fgl-quick" if args.quick else "fgl"
     (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     (args.out / f"{stem}.summary.json").write_text(json.dumps({"meta": meta, "acceptance": checks}, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(rows, checks, meta) + "\n")
