@@ -21,7 +21,7 @@ from flwr.server.strategy import FedAvg
 from torch import nn
 
 from contract.payloads import Contribution
-from hub.classifier import SmallCNN, accuracy, predict, train_classifier
+from hub.classifier import accuracy, train_classifier
 
 
 @dataclass
@@ -163,6 +163,3 @@ def nearest_prototype(
     protos = np.concatenate(vecs)
     pred = np.array(labs)[(test_embeddings @ protos.T).argmax(1)]
     return float((pred == np.array(label_names)[test_labels]).mean())
-
-
-__all__ = ["FedAvgResult", "LinearHead", "SmallCNN", "local_only", "nearest_prototype", "predict", "run_fedavg"]

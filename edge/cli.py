@@ -32,10 +32,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
         print(f"error: no samples under {args.data} (expected <label>/<sample_id>.png|jpg|npy)", file=sys.stderr)
         return 2
     images = load_images(samples)
-    choice = choose_encoder(resolve_bundle(args.bundle), images[:64])
-    if images.shape[-1] != choice.encoder.image_size:
-        print(f"error: images are {images.shape[-1]}px, encoder expects {choice.encoder.image_size}px", file=sys.stderr)
+    bundle = resolve_bundle(args.bundle)
+    size = int(json.loads((bundle / "manifest.json").read_text())["image_size"])
+    if images.shape[-2:] != (size, size):
+        print(
+            f"error: images are {images.shape[-2]}x{images.shape[-1]}, encoder expects {size}x{size}", file=sys.stderr
+        )
         return 2
+    choice = choose_encoder(bundle, images[:64])
     emb = choice.encoder.encode(images)
     contribution = make_contribution(
         args.site_id, choice.encoder_id, emb, [s.label for s in samples], k=args.k, min_group_size=args.min_group_size

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +86,3 @@ def publish(
         **(extra or {}),
     }
     return registry.publish(data, meta)
-
-
-def train_config_dict(cfg: TrainConfig) -> dict:
-    """Config as a plain dict for manifests."""
-    return asdict(cfg)
