@@ -136,59 +136,24 @@ def run_dataset(name: str, grid: Grid, cache_dir: Path, log, methods: tuple[str,
                 )
                 log(f"{tag} local-only {lo_mean:.4f}")
 
-            if "fedavg" in methods:
-                make_cnn = lambda: SmallCNN(data.image_size, nc)  # noqa: E731
-                fa = run_fedavg(
-                    make_cnn, sites, test, grid.fedavg_rounds, grid.local_epochs, grid.fedavg_lr, seed=grid.seed
-                )
-                up, down = fa.bytes_up_per_site, fa.bytes_down_per_site
-                rows.append(
-                    row(
-                        name,
-                        alpha,
-                        n,
-                        "fedavg",
-                        None,
-                        grid.fedavg_rounds,
-                        fa.accuracy,
-                        up,
-                        down,
-                        fa.wall_s,
-                        curve=fa.curve,
-                    )
-                )
-                log(f"{tag} fedavg {fa.accuracy:.4f} ({up:.0f} B up/site, {down:.0f} B down/site)")
-
-            if "fedavg-linear-probe" in methods:
-                probe_sites = [(emb[p], data.labels[p]) for p in parts]
-                probe_test = (emb[sp.test], data.labels[sp.test])
-                make_head = lambda: LinearHead(fm.dim, nc)  # noqa: E731
-                pr = run_fedavg(
-                    make_head,
-                    probe_sites,
-                    probe_test,
-                    grid.fedavg_rounds,
-                    grid.local_epochs,
+            federated = {
+                "fedavg": (lambda: SmallCNN(data.image_size, nc), sites, test, grid.fedavg_lr),
+                "fedavg-linear-probe": (
+                    lambda: LinearHead(fm.dim, nc),
+                    [(emb[p], data.labels[p]) for p in parts],
+                    (emb[sp.test], data.labels[sp.test]),
                     grid.probe_lr,
-                    seed=grid.seed,
+                ),
+            }
+            for method, (make_model, fed_sites, fed_test, lr) in federated.items():
+                if method not in methods:
+                    continue
+                r = run_fedavg(
+                    make_model, fed_sites, fed_test, grid.fedavg_rounds, grid.local_epochs, lr, seed=grid.seed
                 )
-                up, down = pr.bytes_up_per_site, pr.bytes_down_per_site
-                rows.append(
-                    row(
-                        name,
-                        alpha,
-                        n,
-                        "fedavg-linear-probe",
-                        None,
-                        grid.fedavg_rounds,
-                        pr.accuracy,
-                        up,
-                        down,
-                        pr.wall_s,
-                        curve=pr.curve,
-                    )
-                )
-                log(f"{tag} fedavg linear probe {pr.accuracy:.4f}")
+                up, down = r.bytes_up_per_site, r.bytes_down_per_site
+                rows.append(row(name, alpha, n, method, None, grid.fedavg_rounds, r.accuracy, up, down, r.wall_s, curve=r.curve))  # fmt: skip
+                log(f"{tag} {method} {r.accuracy:.4f} ({up:.0f} B up/site, {down:.0f} B down/site)")
 
             if "fedge" not in methods:
                 continue
