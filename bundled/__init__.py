@@ -24,3 +24,9 @@ def path(name: str = "digits") -> Path:
 def manifest(name: str = "digits") -> dict[str, Any]:
     """The manifest of bundled model `name`."""
     return json.loads((path(name) / "manifest.json").read_text())
+
+
+def resolve(name_or_path: str) -> Path:
+    """A bundled model name (digits, mnist) or the path of a bundle directory."""
+    p = Path(name_or_path)
+    return p if p.is_dir() else path(name_or_path)

@@ -4,6 +4,30 @@ Imports nothing heavier than numpy and pydantic, so both sides can depend on it.
 """
 
 from contract.arrays import ArrayPayload
-from contract.payloads import SCHEMA_VERSION, Contribution, LabelPrototypes
+from contract.payloads import (
+    SCHEMA_VERSION,
+    Contribution,
+    ErrorReport,
+    Evaluation,
+    HubStatus,
+    LabelPrototypes,
+    ModelChunk,
+    ModelManifest,
+    SiteStatus,
+)
+from contract.topics import DEFAULT_PREFIX, Topics
 
-__all__ = ["SCHEMA_VERSION", "ArrayPayload", "Contribution", "LabelPrototypes"]
+__all__ = [
+    "DEFAULT_PREFIX",
+    "SCHEMA_VERSION",
+    "ArrayPayload",
+    "Contribution",
+    "ErrorReport",
+    "Evaluation",
+    "HubStatus",
+    "LabelPrototypes",
+    "ModelChunk",
+    "ModelManifest",
+    "SiteStatus",
+    "Topics",
+]

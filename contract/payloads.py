@@ -111,3 +111,146 @@ class Contribution(BaseModel):
     def to_json_bytes(self) -> bytes:
         """The exact bytes published on the wire."""
         return self.model_dump_json(exclude_none=True).encode("utf-8")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+MessageId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class EncoderStatus(BaseModel):
+    """Which encoder variant a site runs, and on which onnxruntime provider."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    encoder_id: str
+    variant: str = Field(description="fp32 or int8")
+    provider: str = Field(description="onnxruntime execution provider actually in use")
+
+
+class SiteStatus(BaseModel):
+    """Retained on `site/<id>/status`: the site's state and counters. The broker's last-will sets `offline`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    message_id: MessageId = Field(default_factory=new_id)
+    site_id: SiteId
+    state: Literal["online", "offline", "stopped"]
+    at: datetime = Field(default_factory=_now)
+    encoder: EncoderStatus | None = None
+    samples: int | None = Field(default=None, ge=0, description="Samples in the local index (training + held-out).")
+    contribution_id: MessageId | None = Field(default=None, description="The site's latest contribution.")
+    model_version: int | None = Field(default=None, ge=1, description="Global model version the site runs.")
+    outbox_depth: int | None = Field(default=None, ge=0, description="Messages not yet acknowledged by the broker.")
+    bytes_sent: dict[str, int] = Field(default_factory=dict, description="Payload bytes published, by message kind.")
+    bytes_received: dict[str, int] = Field(default_factory=dict, description="Payload bytes received, by kind.")
+
+
+class HubStatus(BaseModel):
+    """Retained on `hub/status`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    message_id: MessageId = Field(default_factory=new_id)
+    hub_id: SiteId
+    session_id: MessageId = Field(
+        description="New each time the hub connects; sites resend their latest contribution when it changes."
+    )
+    state: Literal["online", "offline", "stopped", "training"]
+    at: datetime = Field(default_factory=_now)
+    model_version: int | None = Field(default=None, ge=1)
+    active_contributions: int | None = Field(default=None, ge=0)
+
+
+class ChunkRef(BaseModel):
+    """One chunk of a model artifact as the manifest lists it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int = Field(ge=0)
+    size_bytes: int = Field(ge=0)
+    sha256: Sha256
+
+
+class ModelManifest(BaseModel):
+    """Retained on `hub/model`: the current global model and how to fetch and check it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    message_id: MessageId = Field(default_factory=new_id)
+    version: int = Field(ge=1)
+    created_at: datetime
+    format: Literal["onnx"] = "onnx"
+    sha256: Sha256 = Field(description="sha256 of the whole artifact; a site runs nothing that does not match.")
+    size_bytes: int = Field(ge=1)
+    chunks: list[ChunkRef] = Field(min_length=1, description="Published retained on hub/model/<version>/<index>.")
+    labels: list[Label] = Field(min_length=1, description="Class names, in logit order.")
+    input_name: str = "image"
+    input_shape: list[int] = Field(description="[-1, 1, S, S], pixels in [0, 1].")
+    encoder_id: str = Field(description="Encoder whose embeddings sites must send for the next round.")
+    contributions: list[MessageId] = Field(description="Contributions the model was trained on.")
+    fedavg_round_bytes: int = Field(ge=0, description="What one FedAvg round of this model costs a site (up + down).")
+
+
+class ModelChunk(BaseModel):
+    """Retained on `hub/model/<version>/<index>`: one slice of the ONNX artifact."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    version: int = Field(ge=1)
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    data: str = Field(description="Base64 (RFC 4648, with padding) of the chunk's bytes.")
+
+
+class Evaluation(BaseModel):
+    """On `site/<id>/eval`: how a delivered model does on the site's local held-out samples."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    eval_id: MessageId = Field(default_factory=new_id)
+    site_id: SiteId
+    model_version: int = Field(ge=1)
+    at: datetime = Field(default_factory=_now)
+    samples: int = Field(ge=0)
+    accuracy: float | None = Field(default=None, ge=0.0, le=1.0, description="None when the site holds no samples.")
+
+
+ErrorCode = Literal[
+    "not_json",
+    "schema_version",
+    "invalid",
+    "non_finite",
+    "dimension",
+    "dtype",
+    "unknown_encoder",
+    "oversize",
+    "site_mismatch",
+    "duplicate_id",
+    "unknown_supersedes",
+]
+
+
+class ErrorReport(BaseModel):
+    """On `site/<id>/errors`: why the hub rejected a message the site published. Nothing of it was applied."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    error_id: MessageId = Field(default_factory=new_id)
+    site_id: SiteId
+    at: datetime = Field(default_factory=_now)
+    topic: str
+    code: ErrorCode
+    reason: str
+    ref_id: str | None = Field(default=None, description="The rejected payload's own id, when it could be read.")
+    payload_sha256: Sha256
+    payload_bytes: int = Field(ge=0)

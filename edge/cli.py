@@ -12,16 +12,6 @@ import numpy as np
 from contract.layout import load_images, scan
 
 
-def resolve_bundle(name_or_path: str) -> Path:
-    """A bundled model name (digits, mnist) or a bundle directory."""
-    p = Path(name_or_path)
-    if p.is_dir():
-        return p
-    import bundled
-
-    return bundled.path(name_or_path)
-
-
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode a data folder and write the contribution a site would publish."""
     from edge.contribution import make_contribution
@@ -32,7 +22,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
         print(f"error: no samples under {args.data} (expected <label>/<sample_id>.png|jpg|npy)", file=sys.stderr)
         return 2
     images = load_images(samples)
-    bundle = resolve_bundle(args.bundle)
+    import bundled
+
+    bundle = bundled.resolve(args.bundle)
     size = int(json.loads((bundle / "manifest.json").read_text())["image_size"])
     if images.shape[-2:] != (size, size):
         print(
@@ -52,18 +44,40 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Classify images with a delivered global model (ONNX + manifest beside it)."""
-    import onnxruntime as ort
-
+    """Classify images with a delivered global model: `--model FILE` (manifest.json beside it) or the installed one."""
     from contract.layout import read_image
+    from edge.models import GlobalModel, ModelStore
 
-    manifest = json.loads((args.model.parent / "manifest.json").read_text())
-    session = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
-    x = np.stack([read_image(Path(p)) for p in args.paths])[:, None].astype(np.float32)
-    logits = session.run(None, {"image": x})[0]
-    for path, i in zip(args.paths, logits.argmax(1), strict=True):
-        print(f"{path}\t{manifest['labels'][int(i)]}")
+    if args.model is not None:
+        model = GlobalModel.from_file(args.model)
+    else:
+        from edge.config import EdgeSettings
+        from runtime.settings import validate_or_exit
+
+        settings = validate_or_exit(EdgeSettings, args.config, False)
+        current = ModelStore(settings.state_dir / "models").current()
+        if current is None:
+            print(f"error: no model installed under {settings.state_dir / 'models'} yet", file=sys.stderr)
+            return 2
+        model = GlobalModel.from_manifest(*current)
+    images = np.stack([read_image(Path(p)) for p in args.paths])[:, None]
+    for p, label in zip(args.paths, model.predict(images), strict=True):
+        print(f"{p}\t{label}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the site service until SIGTERM or Ctrl-C."""
+    import logging
+
+    from edge.config import EdgeSettings
+    from edge.service import EdgeService
+    from runtime.httpd import run_service
+    from runtime.settings import validate_or_exit
+
+    settings = validate_or_exit(EdgeSettings, args.config, args.validate_config)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_service(EdgeService(settings), settings, logging.getLogger("fedge.edge"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     enc.add_argument("--min-group-size", type=int, default=5, help="fewest samples one prototype may average")
     enc.add_argument("--out", type=Path, required=True)
     enc.set_defaults(fn=cmd_encode)
-    pred = sub.add_parser("predict", help="classify images with a global model")
-    pred.add_argument("--model", type=Path, required=True, help="model.onnx with manifest.json beside it")
+    pred = sub.add_parser("predict", help="classify images with the delivered global model")
+    pred.add_argument("--model", type=Path, help="model.onnx with manifest.json beside it (default: the installed one)")
+    pred.add_argument("--config", type=Path, help="site config YAML (to find the installed model)")
     pred.add_argument("paths", nargs="+")
     pred.set_defaults(fn=cmd_predict)
+    run = sub.add_parser("run", help="run the site service (config: --config YAML and FEDGE_EDGE_* variables)")
+    run.add_argument("--config", type=Path, help="YAML file; environment variables FEDGE_EDGE_* override it")
+    run.add_argument("--validate-config", action="store_true", help="check the configuration, print it and exit")
+    run.add_argument("--log-level", default="INFO")
+    run.set_defaults(fn=cmd_run)
     args = ap.parse_args(argv)
     try:
         return int(args.fn(args))

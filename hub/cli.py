@@ -12,8 +12,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """One round from contribution files: synthesize, train, export ONNX, publish a version."""
     from pydantic import ValidationError
 
+    import bundled
     from contract.payloads import Contribution
-    from edge.cli import resolve_bundle
     from hub.foundation.bundle import load
     from hub.registry import ModelRegistry
     from hub.rounds import TrainConfig, publish, run_round
@@ -26,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValidationError as err:
             print(f"error: {f} is not a valid contribution:\n{err}", file=sys.stderr)
             return 2
-    fm = load(resolve_bundle(args.bundle))
+    fm = load(bundled.resolve(args.bundle))
     synth = Synthesizer(
         fm, SynthesisConfig(samples_per_count=args.samples_per_count, seed=args.seed), cache_dir=args.cache
     )
@@ -42,6 +42,57 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     )
     print(f"model: {version.path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a hub worker until SIGTERM or Ctrl-C."""
+    import logging
+
+    from hub.config import HubSettings
+    from hub.service import HubService
+    from runtime.httpd import run_service
+    from runtime.settings import validate_or_exit
+
+    settings = validate_or_exit(HubSettings, args.config, args.validate_config)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_service(HubService(settings), settings, logging.getLogger("fedge.hub"))
+
+
+def cmd_round(args: argparse.Namespace) -> int:
+    """Ask the running hub for a round now (recorded in its ledger; the hub picks it up within a poll)."""
+    from hub.config import HubSettings
+    from hub.ledger import Ledger
+    from runtime.settings import validate_or_exit
+
+    settings = validate_or_exit(HubSettings, args.config, False)
+    ledger = Ledger(settings.state_dir / "ledger.sqlite")
+    try:
+        round_id = ledger.request_round("manual")
+    finally:
+        ledger.close()
+    print(f"round {round_id} requested; the hub starts it within {settings.rounds.poll_s:g} s")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the ledger's view: contributions by state, rounds, rejections, evaluations."""
+    from hub.config import HubSettings
+    from hub.ledger import Ledger
+    from runtime.settings import validate_or_exit
+
+    settings = validate_or_exit(HubSettings, args.config, False)
+    ledger = Ledger(settings.state_dir / "ledger.sqlite")
+    try:
+        out = {
+            "contributions": ledger.counts_by_state(),
+            "rounds": [r.__dict__ for r in ledger.rounds()[-10:]],
+            "rejections": ledger.rejections()[-10:],
+            "evaluations": ledger.evaluations()[-20:],
+        }
+    finally:
+        ledger.close()
+    print(json.dumps(out, indent=1, default=str))
     return 0
 
 
@@ -74,6 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--epochs", type=int, default=30)
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(fn=cmd_train)
+    run = sub.add_parser("run", help="run a hub worker (config: --config YAML and FEDGE_HUB_* variables)")
+    run.add_argument("--config", type=Path, help="YAML file; environment variables FEDGE_HUB_* override it")
+    run.add_argument("--validate-config", action="store_true", help="check the configuration, print it and exit")
+    run.add_argument("--log-level", default="INFO")
+    run.set_defaults(fn=cmd_run)
+    rnd = sub.add_parser("round", help="`fedge-hub round start`: ask the running hub for a round now")
+    rnd.add_argument("action", choices=["start"])
+    rnd.add_argument("--config", type=Path)
+    rnd.set_defaults(fn=cmd_round)
+    st = sub.add_parser("status", help="contributions, rounds, rejections and evaluations from the ledger")
+    st.add_argument("--config", type=Path)
+    st.set_defaults(fn=cmd_status)
     args = ap.parse_args(argv)
     return int(args.fn(args))
 

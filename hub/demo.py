@@ -1,124 +1,292 @@
-"""The core-loop demo: three sites, one round, no image leaves a site.
+"""The demo: a broker, the hub and three edge sites as separate processes, one round over MQTT.
 
     fedge-hub demo            (what `make demo` runs)
 
-Each site holds a Dirichlet(0.3) share of the digits private split in the local data layout, encodes
-it with the bundled ONNX encoder (the edge code path, no torch), and hands the hub a contribution of
-prototypes. The hub synthesizes, trains, exports ONNX and publishes a model version; every site runs
-it with onnxruntime on its own held-out samples. Transport is function calls here; the MQTT services
-replace them without changing either core.
+It starts Mosquitto when it is on PATH (else the embedded Python broker), writes each site a
+Dirichlet(0.3) share of the digits private split in the local data layout, starts `fedge-hub run`
+and three `fedge-edge run` with generated configs, and watches the broker: contributions go up
+(prototypes only), the hub trains and publishes the model, every site fetches it, checks its sha256
+and reports its accuracy on its own held-out samples. Then it prints the table and stops every
+process it started (`--keep-running` leaves them up until Ctrl-C, to look at /metrics).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 import bundled
-from contract.layout import load_images, scan
-from edge.contribution import make_contribution
-from edge.encoder import choose_encoder
+from contract.payloads import Evaluation, ModelManifest, SiteStatus
+from contract.topics import Topics
+from edge.models import GlobalModel
 from hub import datasets
-from hub.foundation.bundle import load as load_foundation
-from hub.registry import ModelRegistry
-from hub.rounds import TrainConfig, publish, run_round
-from hub.synthesis import SynthesisConfig, Synthesizer
+from runtime.mqtt import BrokerSettings, Bus
+
+PREFIX = "fedge/v1"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+MOSQUITTO_CONF = """# Written by fedge-hub demo: loopback only, anonymous, nothing persisted.
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence false
+# Mosquitto drops QoS 1 messages silently past max_queued_messages (default 1000): set it deliberately.
+max_queued_messages 100000
+max_inflight_messages 20
+"""
+
+
+class Broker:
+    """Mosquitto in a subprocess when it is installed, else the embedded broker in this process."""
+
+    def __init__(self, workdir: Path, log, choice: str = "auto"):
+        self.port = free_port()
+        self._proc: subprocess.Popen | None = None
+        self._embedded = None
+        exe = shutil.which("mosquitto") or next(
+            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+        )
+        if choice == "mosquitto" and not exe:
+            raise FileNotFoundError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
+        if exe and choice != "embedded":
+            conf = workdir / "mosquitto.conf"
+            conf.write_text(MOSQUITTO_CONF.format(port=self.port))
+            self._proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            self.protocol, self.kind = "5", f"Mosquitto ({exe})"
+            wait_port(self.port, 10)
+        else:
+            from hub.embedded_broker import EmbeddedBroker
+
+            self._embedded = EmbeddedBroker("127.0.0.1", self.port)
+            self._embedded.start()
+            why = "as asked" if choice == "embedded" else "Mosquitto is not installed"
+            self.protocol, self.kind = "3.1.1", f"the embedded Python broker (MQTT 3.1.1; {why})"
+        log(f"broker: {self.kind} on 127.0.0.1:{self.port}")
+
+    def settings(self) -> BrokerSettings:
+        """How clients reach it."""
+        return BrokerSettings(host="127.0.0.1", port=self.port, protocol=self.protocol)
+
+    def stop(self) -> None:
+        """Stop it."""
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(10)
+        if self._embedded is not None:
+            self._embedded.stop()
+
+
+def wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout:.0f} s")
 
 
 @dataclass
-class SiteReport:
-    """What one site did and got."""
+class Observer:
+    """Watches the broker the way Grafana or an operator would: statuses, evaluations, the model manifest."""
 
-    site_id: str
-    samples: int
-    held_out: int
-    bytes_sent: int
-    bytes_received: int
-    local_accuracy: float
-    encoder_variant: str
+    statuses: dict[str, SiteStatus] = field(default_factory=dict)
+    evals: dict[tuple[str, int], Evaluation] = field(default_factory=dict)
+    manifest: ModelManifest | None = None
+    changed: threading.Event = field(default_factory=threading.Event)
+
+    def attach(self, bus: Bus, topics: Topics) -> None:
+        bus.subscribe(topics.all_sites("status"), self._status)
+        bus.subscribe(topics.all_sites("eval"), self._eval)
+        bus.subscribe(topics.hub_model, self._model)
+
+    def _status(self, topic: str, payload: bytes) -> None:
+        s = SiteStatus.model_validate_json(payload)
+        self.statuses[s.site_id] = s
+        self.changed.set()
+
+    def _eval(self, topic: str, payload: bytes) -> None:
+        e = Evaluation.model_validate_json(payload)
+        self.evals[(e.site_id, e.model_version)] = e
+        self.changed.set()
+
+    def _model(self, topic: str, payload: bytes) -> None:
+        if payload:
+            self.manifest = ModelManifest.model_validate_json(payload)
+            self.changed.set()
+
+    def done(self, sites: list[str]) -> bool:
+        """Every site runs the current model, has reported on it and has an empty outbox."""
+        m = self.manifest
+        if m is None:
+            return False
+        return all(
+            (s in self.statuses and self.statuses[s].model_version == m.version and self.statuses[s].outbox_depth == 0
+             and (s, m.version) in self.evals)
+            for s in sites
+        )  # fmt: skip
 
 
-def onnx_accuracy(model_path: Path, labels: list[str], images: np.ndarray, truth: list[str]) -> float:
-    """Accuracy of a delivered ONNX model, run the way a site runs it."""
-    if not len(images):
-        return float("nan")
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    pred = session.run(None, {"image": images.astype(np.float32)})[0].argmax(1)
-    return float((np.array(labels)[pred] == np.array(truth)).mean())
+def _yaml(d: dict) -> str:
+    return json.dumps(d, indent=1) + "\n"  # JSON is valid YAML
 
 
-def run_demo(workdir: Path, n_sites: int = 3, alpha: float = 0.3, k: int = 4, seed: int = 0, log=print) -> dict:
+@dataclass
+class Services:
+    """The processes the demo started."""
+
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, args: list[str], log_path: Path) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "wb") as out:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+
+    def check(self) -> None:
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with status {p.returncode}; see its log")
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def run_demo(
+    workdir: Path, n_sites: int = 3, alpha: float = 0.3, k: int = 4, seed: int = 0, timeout_s: float = 300,
+    keep_running: bool = False, broker: str = "auto", log=print,
+) -> dict:  # fmt: skip
     """Run the demo in `workdir` (wiped first) and return its figures."""
     shutil.rmtree(workdir, ignore_errors=True)
-    bundle = bundled.path("digits")
-    fm = load_foundation(bundle)
-    ds = fm.manifest["dataset"]
+    (workdir / "logs").mkdir(parents=True)
+    workdir = workdir.resolve()
+    ds = bundled.manifest("digits")["dataset"]
     data = datasets.load("digits")
     sp = datasets.split(len(data.labels), ds["split_seed"], ds["public_frac"], ds["test_frac"])
     parts = datasets.dirichlet_sites(data.labels, sp.private, n_sites, alpha, seed=seed)
-    rng = np.random.default_rng(seed)
+    sites = [f"site-{i + 1}" for i in range(n_sites)]
+    for site_id, part in zip(sites, parts, strict=True):
+        datasets.write_folder(workdir / site_id / "data", data, np.sort(part))
 
-    contributions, held, reports = [], {}, []
-    for s, part in enumerate(parts):
-        site_id = f"site-{s + 1}"
-        order = rng.permutation(part)
-        n_hold = max(1, len(order) // 5)
-        datasets.write_folder(workdir / site_id / "data", data, np.sort(order[n_hold:]))
-        held[site_id] = order[:n_hold]
-        # --- edge side: only the site's folder, the ONNX encoder and numpy ---
-        samples = scan(workdir / site_id / "data")
-        images = load_images(samples)
-        choice = choose_encoder(bundle, images[:64])
-        c = make_contribution(
-            site_id, choice.encoder_id, choice.encoder.encode(images), [x.label for x in samples], k=k, seed=seed
-        )
-        contributions.append(c)
-        reports.append(SiteReport(site_id, len(samples), n_hold, len(c.to_json_bytes()), 0, 0.0, choice.variant))
-        log(
-            f"{site_id}: {len(samples)} samples, labels {sorted({x.label for x in samples})} -> {reports[-1].bytes_sent} B"
-        )
+    broker = Broker(workdir, log, broker)
+    services = Services()
+    observer = Observer()
+    topics = Topics(PREFIX)
+    watch = Bus(f"fedge-demo-observer-{os.getpid()}", broker.settings(), persistent=False)
+    observer.attach(watch, topics)
+    try:
+        watch.start()
+        if not watch.wait_connected(10):
+            raise RuntimeError("could not connect to the broker")
+        ports = {"hub": free_port(), **{s: free_port() for s in sites}}
+        b = broker.settings().model_dump(exclude_none=True)
+        hub_conf = {"state_dir": str(workdir / "hub"), "broker": b, "metrics_host": "127.0.0.1", "metrics_port": ports["hub"],
+                    "rounds": {"min_sites": n_sites}, "synthesis": {"seed": seed}}  # fmt: skip
+        (workdir / "hub.yaml").write_text(_yaml(hub_conf))
+        services.start("hub", ["hub.cli", "run", "--config", str(workdir / "hub.yaml")], workdir / "logs" / "hub.log")
+        for s in sites:
+            conf = {"site_id": s, "data_dir": str(workdir / s / "data"), "state_dir": str(workdir / s / "state"), "k": k,
+                    "broker": b, "metrics_host": "127.0.0.1", "metrics_port": ports[s]}  # fmt: skip
+            (workdir / f"{s}.yaml").write_text(_yaml(conf))
+            services.start(
+                s, ["edge.cli", "run", "--config", str(workdir / f"{s}.yaml")], workdir / "logs" / f"{s}.log"
+            )
+        log(f"hub and {n_sites} sites started; logs in {workdir / 'logs'}")
+        for name, port in ports.items():
+            log(f"  {name:<7} http://127.0.0.1:{port}/metrics")
 
-    # --- hub side ---
-    t = time.perf_counter()
-    synth = Synthesizer(fm, SynthesisConfig(seed=seed), cache_dir=workdir / "hub" / "synthesis-cache", progress=False)
-    result = run_round(contributions, synth, TrainConfig(seed=seed))
-    version = publish(result, ModelRegistry(workdir / "hub" / "models"), contributions, {"foundation": fm.encoder_id})
-    round_s = time.perf_counter() - t
-    log(
-        f"hub: {len(result.synthetic.labels)} synthetic samples, model v{version.version} ({version.manifest['size_bytes']} B) in {round_s:.1f} s"
-    )
-
-    # --- delivery: each site verifies and runs the model ---
-    labels = version.manifest["labels"]
-    for r in reports:
-        idx = held[r.site_id]
-        r.bytes_received = version.manifest["size_bytes"]
-        r.local_accuracy = onnx_accuracy(
-            version.path, labels, data.images[idx], [data.label_names[i] for i in data.labels[idx]]
-        )
-    test_acc = onnx_accuracy(
-        version.path, labels, data.images[sp.test], [data.label_names[i] for i in data.labels[sp.test]]
-    )
-    import onnx
-
-    params = sum(int(np.prod(t.dims)) for t in onnx.load(str(version.path)).graph.initializer)
-    fedavg_bytes = 50 * 2 * params * 4  # 50 rounds, float32 weights up and down
-    return {
-        "sites": [r.__dict__ for r in reports],
-        "global_test_accuracy": test_acc,
-        "model_version": version.version,
-        "model_path": str(version.path),
-        "model_parameters": params,
-        "fedavg_50_rounds_bytes_per_site": fedavg_bytes,
-        "round_s": round_s,
-    }
+        t0, seen = time.monotonic(), set()
+        while not observer.done(sites):
+            services.check()
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"no model delivered to every site within {timeout_s:.0f} s; see {workdir / 'logs'}")
+            observer.changed.wait(1.0)
+            observer.changed.clear()
+            for s, st in list(observer.statuses.items()):
+                if st.contribution_id and (s, "c") not in seen and st.outbox_depth == 0:
+                    seen.add((s, "c"))
+                    log(
+                        f"{time.monotonic() - t0:6.1f} s  {s}: contribution acknowledged ({st.bytes_sent.get('embeddings', 0):,} B of prototypes)"
+                    )
+            m = observer.manifest
+            if m is not None and "m" not in seen:
+                seen.add("m")
+                log(
+                    f"{time.monotonic() - t0:6.1f} s  hub: model v{m.version} published ({m.size_bytes:,} B ONNX in {len(m.chunks)} chunks)"
+                )
+            for (s, v), e in list(observer.evals.items()):
+                if (s, "e") not in seen:
+                    seen.add((s, "e"))
+                    log(
+                        f"{time.monotonic() - t0:6.1f} s  {s}: model v{v} verified, {e.accuracy:.1%} on {e.samples} held-out samples"
+                    )
+        elapsed = time.monotonic() - t0
+        m = observer.manifest
+        assert m is not None
+        model_path = workdir / "hub" / "models" / f"v{m.version:04d}" / "model.onnx"
+        model = GlobalModel.from_manifest(model_path, m)
+        test_acc = model.accuracy(data.images[sp.test], [data.label_names[i] for i in data.labels[sp.test]])
+        rows = []
+        for s in sites:
+            st, e = observer.statuses[s], observer.evals[(s, m.version)]
+            rows.append({"site_id": s, "samples": st.samples, "held_out": e.samples,
+                         "bytes_sent": sum(st.bytes_sent.get(x, 0) for x in ("embeddings", "eval")),
+                         "bytes_sent_embeddings": st.bytes_sent.get("embeddings", 0),
+                         "bytes_received": sum(st.bytes_received.values()), "local_accuracy": e.accuracy,
+                         "encoder": st.encoder.model_dump() if st.encoder else None})  # fmt: skip
+        result = {
+            "sites": rows,
+            "global_test_accuracy": test_acc,
+            "model_version": m.version,
+            "model_path": str(model_path),
+            "model_bytes": m.size_bytes,
+            "fedavg_50_rounds_bytes_per_site": 50 * m.fedavg_round_bytes,
+            "round_trip_s": round(elapsed, 1),
+            "broker": broker.kind,
+            "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()},
+        }
+        if keep_running:
+            print_table(result)
+            log("services keep running; Ctrl-C stops them")
+            try:
+                while True:
+                    services.check()
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        return result
+    finally:
+        services.stop()
+        watch.stop()
+        broker.stop()
 
 
 def print_table(result: dict) -> None:
@@ -136,10 +304,12 @@ def print_table(result: dict) -> None:
     fed = result["fedavg_50_rounds_bytes_per_site"]
     print()
     print(f"global test accuracy:            {result['global_test_accuracy']:.1%}  (model v{result['model_version']})")
-    print(f"bytes sent per site:             {sent:,.0f} B of prototypes; no image left a site")
-    print(f"FedAvg, 50 rounds of this model: {fed:,} B per site ({fed / sent:,.0f}x more)")
-    print(f"model:                           {result['model_path']}")
-    print("metrics endpoints:               arrive with the MQTT services (see README, Roadmap)")
+    print(f"bytes sent per site:             {sent:,.0f} B (prototypes + evaluation); no image left a site")
+    print(f"FedAvg, 50 rounds of this model: {fed:,} B per site, up and down ({fed / sent:,.0f}x what a site sent)")
+    print(f"from start to every site running the model: {result['round_trip_s']} s, over {result['broker']}")
+    print("metrics endpoints (up while the services run; `fedge-hub demo --keep-running` keeps them):")
+    for name, url in result["metrics"].items():
+        print(f"  {name:<7} {url}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,10 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--workdir", type=Path, default=Path("var/demo"))
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
+                    help="auto: Mosquitto when installed, else the embedded Python broker")  # fmt: skip
+    ap.add_argument("--keep-running", action="store_true", help="leave the services up until Ctrl-C")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = ap.parse_args(argv)
-    result = run_demo(args.workdir, k=args.k)
-    print_table(result)
+    result = run_demo(args.workdir, k=args.k, keep_running=args.keep_running, broker=args.broker)
+    if not args.keep_running:
+        print_table(result)
     if args.json:
         print(json.dumps(result, indent=1))
     return 0

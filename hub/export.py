@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+# The exporter logs progress at INFO and a warning per missing torchvision op; a service log needs neither.
+for _name in ("onnxscript", "onnx_ir", "torch.onnx._internal.exporter._registration"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 def export_onnx(module: nn.Module, image_size: int, path: Path, output_name: str) -> None:
@@ -25,6 +30,7 @@ def export_onnx(module: nn.Module, image_size: int, path: Path, output_name: str
             dynamo=True,
             external_data=False,
             optimize=True,
+            verbose=False,
         )
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from runtime.files import write_dir_atomically
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,6 @@ class ModelVersion:
     path: Path
     sha256: str
     manifest: dict[str, Any]
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 class ModelRegistry:
@@ -59,9 +52,6 @@ class ModelRegistry:
         """Store a new version with `meta` merged into its manifest."""
         version = (self.versions() or [0])[-1] + 1
         final = self.root / f"v{version:04d}"
-        tmp = self.root / f".tmp-v{version:04d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         sha = hashlib.sha256(onnx_bytes).hexdigest()
         manifest = {
             **meta,
@@ -70,12 +60,7 @@ class ModelRegistry:
             "size_bytes": len(onnx_bytes),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        _fsync_write(tmp / "model.onnx", onnx_bytes)
-        _fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())
-        tmp.rename(final)
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_dir_atomically(
+            final, {"model.onnx": onnx_bytes, "manifest.json": json.dumps(manifest, indent=2).encode()}
+        )
         return ModelVersion(version, final / "model.onnx", sha, manifest)

@@ -10,9 +10,11 @@ import numpy as np
 FORBIDDEN = ("torch", "diffusers", "torchvision")
 
 PROBE = """
-import json, sys
-import contract, contract.layout, bundled
-import edge, edge.cli, edge.contribution, edge.encoder, edge.prototypes
+import importlib, json, pkgutil, sys
+import bundled, contract, edge, runtime
+for pkg in (contract, edge, runtime):  # every module of the edge and of the shared packages it uses
+    for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
+        importlib.import_module(m.name)
 {extra}
 print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r})))
 """
@@ -56,3 +58,22 @@ def test_encode_refuses_images_of_the_wrong_size(tmp_path: Path, capsys) -> None
     assert main(["encode", "--data", str(tmp_path), "--site-id", "s1", "--out", str(tmp_path / "c.json")]) == 2
     assert "images are 12x12, encoder expects 8x8" in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()
+
+
+def test_the_edge_service_path_loads_no_torch(tmp_path: Path) -> None:
+    # Prepare: a data folder; the service is built and does its local work (index, encode, contribute).
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(12):
+            np.save(tmp_path / "data" / label / f"{label}{i}.npy", rng.random((8, 8), dtype=np.float32))
+    extra = (
+        "from edge.config import EdgeSettings\n"
+        "from edge.service import EdgeService\n"
+        f"svc = EdgeService(EdgeSettings(site_id='s1', data_dir={str(tmp_path / 'data')!r}, "
+        f"state_dir={str(tmp_path / 'state')!r}, settle_s=0, k=1))\n"
+        "svc.sync()\n"
+        "assert svc.maybe_contribute() is not None"
+    )
+    # Execute and assert
+    assert run_probe(extra) == []

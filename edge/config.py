@@ -1,0 +1,44 @@
+"""The edge's configuration tree (pydantic-settings): environment prefix FEDGE_EDGE_, nested with `__`, or YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contract.payloads import SiteId
+from contract.topics import DEFAULT_PREFIX
+from runtime.mqtt import BrokerSettings
+
+
+class EdgeSettings(BaseSettings):
+    """Everything `fedge-edge run` reads."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDGE_EDGE_", env_nested_delimiter="__", extra="forbid")
+
+    site_id: SiteId = Field(description="This site's id: its topics, its MQTT user name, its contributions.")
+    data_dir: Path = Field(description="Local data folder: <label>/<sample_id>.<png|jpg|npy> (+ metadata.csv).")
+    state_dir: Path = Field(default=Path("var/edge"), description="Sample index, outbox and delivered models.")
+    bundle: str = Field(
+        default="digits", description="Bundled foundation model name or bundle directory (its encoder)."
+    )
+    k: int = Field(default=4, ge=1, le=256, description="Prototypes per label (1 = class level).")
+    min_group_size: int = Field(default=5, ge=1, description="Fewest samples one prototype may average.")
+    holdout_fraction: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Share of samples kept out of contributions to evaluate delivered models.",
+    )
+    scan_interval_s: float = Field(default=2.0, gt=0, le=3600, description="How often the data folder is rescanned.")
+    settle_s: float = Field(
+        default=1.0, ge=0, le=3600, description="Wait this long after the last file change before contributing."
+    )
+    prefer_cuda: bool = Field(default=True, description="Use onnxruntime's CUDA provider when this build has it.")
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    topic_prefix: str = Field(default=DEFAULT_PREFIX, description="Prefix of every topic.")
+    metrics_host: str = Field(default="0.0.0.0", description="Address of /metrics and /healthz.")
+    metrics_port: int | None = Field(
+        default=9401, ge=0, le=65535, description="Port of /metrics and /healthz (0: any free port; null: off)."
+    )

@@ -1,0 +1,122 @@
+"""Global models delivered to the site: assembled from chunks, verified (sha256), stored, run with onnxruntime."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from contract.payloads import ModelChunk, ModelManifest
+from runtime.files import write_dir_atomically
+
+
+class ModelRejected(ValueError):
+    """A delivered model or chunk that fails verification; nothing of it is installed."""
+
+
+class ChunkAssembler:
+    """Collects the chunks of one manifest; each is checked against the manifest's sha256 on arrival."""
+
+    def __init__(self, manifest: ModelManifest):
+        self.manifest = manifest
+        self.parts: dict[int, bytes] = {}
+
+    def add(self, payload: bytes) -> bool:
+        """Add one chunk message; True once every chunk is in."""
+        chunk = ModelChunk.model_validate_json(payload)
+        m = self.manifest
+        if chunk.version != m.version or chunk.count != len(m.chunks) or chunk.index >= len(m.chunks):
+            raise ModelRejected(
+                f"chunk {chunk.index}/{chunk.count} of v{chunk.version} does not belong to manifest v{m.version}"
+            )
+        try:
+            data = base64.b64decode(chunk.data, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise ModelRejected(f"chunk {chunk.index} of v{m.version} is not valid base64: {err}") from None
+        ref = m.chunks[chunk.index]
+        if len(data) != ref.size_bytes or hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise ModelRejected(f"chunk {chunk.index} of v{m.version} does not match the manifest's sha256")
+        self.parts[chunk.index] = data
+        return len(self.parts) == len(m.chunks)
+
+    def assemble(self) -> bytes:
+        """The artifact, verified against the manifest's whole-file sha256."""
+        data = b"".join(self.parts[i] for i in range(len(self.manifest.chunks)))
+        if len(data) != self.manifest.size_bytes or hashlib.sha256(data).hexdigest() != self.manifest.sha256:
+            raise ModelRejected(f"model v{self.manifest.version} does not match its sha256; not installed")
+        return data
+
+
+class ModelStore:
+    """`<root>/v0001/{model.onnx, manifest.json}`; a version exists only once complete and fsynced."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def versions(self) -> list[int]:
+        """Installed versions, ascending."""
+        return sorted(int(p.name[1:]) for p in self.root.glob("v[0-9]*") if (p / "manifest.json").is_file())
+
+    def current(self) -> tuple[Path, ModelManifest] | None:
+        """The newest installed model and its manifest."""
+        v = self.versions()
+        if not v:
+            return None
+        d = self.root / f"v{v[-1]:04d}"
+        return d / "model.onnx", ModelManifest.model_validate_json((d / "manifest.json").read_bytes())
+
+    def install(self, manifest: ModelManifest, data: bytes) -> Path:
+        """Write a verified model durably; returns its path."""
+        if hashlib.sha256(data).hexdigest() != manifest.sha256:
+            raise ModelRejected(f"model v{manifest.version} does not match its sha256; not installed")
+        final = self.root / f"v{manifest.version:04d}"
+        if (final / "manifest.json").is_file():
+            return final / "model.onnx"
+        write_dir_atomically(final, {"model.onnx": data, "manifest.json": manifest.model_dump_json(indent=1).encode()})
+        return final / "model.onnx"
+
+
+class GlobalModel:
+    """A delivered model, run with onnxruntime the way a site runs it."""
+
+    def __init__(
+        self, path: Path, labels: list[str], input_name: str, image_size: int, providers: list[str] | None = None
+    ):
+        self.labels, self.input_name, self.image_size = list(labels), input_name, int(image_size)
+        self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+
+    @classmethod
+    def from_manifest(cls, path: Path, manifest: ModelManifest) -> GlobalModel:
+        """From a delivered model and its manifest."""
+        return cls(path, manifest.labels, manifest.input_name, manifest.input_shape[-1])
+
+    @classmethod
+    def from_file(cls, path: Path) -> GlobalModel:
+        """From `model.onnx` with a `manifest.json` beside it: a delivered one, or one from the hub's registry."""
+        meta = json.loads((Path(path).parent / "manifest.json").read_text())
+        if "input" in meta:  # the hub registry's manifest
+            return cls(path, meta["labels"], meta["input"]["name"], meta["input"]["shape"][-1])
+        return cls.from_manifest(path, ModelManifest.model_validate(meta))
+
+    def predict(self, images: np.ndarray) -> list[str]:
+        """Label names for images [N, 1, S, S] in [0, 1]."""
+        size = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (1, size, size):
+            raise ValueError(f"the model expects images [N, 1, {size}, {size}], got {list(images.shape)}")
+        if not len(images):
+            return []
+        logits = self.session.run(None, {self.input_name: images.astype(np.float32)})[0]
+        return [self.labels[int(i)] for i in logits.argmax(1)]
+
+    def accuracy(self, images: np.ndarray, truth: list[str]) -> float | None:
+        """Share of `truth` predicted; None for no samples."""
+        if not len(truth):
+            return None
+        pred = self.predict(images)
+        return float(np.mean([p == t for p, t in zip(pred, truth, strict=True)]))

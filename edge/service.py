@@ -1,0 +1,404 @@
+"""`fedge-edge run`: keep the sample index in step with the data folder, publish contributions, install models.
+
+Threads: paho's network thread runs the message handlers (they only parse, verify and queue work);
+the outbox thread publishes what the store holds until the broker acknowledges it; the main loop
+scans, encodes, contributes, installs delivered models and evaluates them. No torch anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+
+import numpy as np
+from pydantic import ValidationError
+from tenacity import RetryError, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
+
+import bundled
+from contract.layout import read_image, scan
+from contract.payloads import (
+    Contribution,
+    EncoderStatus,
+    ErrorReport,
+    Evaluation,
+    HubStatus,
+    ModelManifest,
+    SiteStatus,
+)
+from contract.topics import Topics
+from edge.config import EdgeSettings
+from edge.contribution import make_contribution
+from edge.encoder import EncoderChoice, choose_encoder
+from edge.metrics import EdgeMetrics
+from edge.models import ChunkAssembler, GlobalModel, ModelRejected, ModelStore
+from edge.store import EdgeStore, IndexedSample
+from runtime.mqtt import Bus, NotConnected
+
+log = logging.getLogger("fedge.edge")
+
+
+class EdgeService:
+    """One site."""
+
+    def __init__(self, settings: EdgeSettings, metrics: EdgeMetrics | None = None):
+        self.settings = s = settings
+        self.topics = Topics(s.topic_prefix)
+        self.metrics = metrics or EdgeMetrics()
+        self.store = EdgeStore(s.state_dir / "edge.sqlite")
+        self.models = ModelStore(s.state_dir / "models")
+        self.bundle = bundled.resolve(s.bundle)
+        manifest = json.loads((self.bundle / "manifest.json").read_text())
+        self.image_size = int(manifest["image_size"])
+        self.encoder: EncoderChoice | None = None
+        self.stop_event = threading.Event()
+        self._jobs: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._outbox_wake = threading.Event()
+        self._status_dirty = threading.Event()
+        self._assembler: ChunkAssembler | None = None
+        self._assembler_lock = threading.Lock()
+        self._bad_files: set[tuple[str, str]] = set()
+        self._last_change = 0.0
+        # Set once any hub status (retained) has arrived: until a hub has ever subscribed, publishing
+        # would reach nobody, so the outbox holds everything.
+        self._hub_seen = threading.Event()
+        self.bus = Bus(
+            f"fedge-edge-{s.site_id}",
+            s.broker,
+            will=(
+                self.topics.site(s.site_id, "status"),
+                SiteStatus(site_id=s.site_id, state="offline").model_dump_json().encode(),
+            ),
+            on_connect=self._status_dirty.set,
+            on_state=self._on_state,
+        )
+        current = self.models.current()
+        self.metrics.model_version.set(current[1].version if current else 0)
+
+    # --- status and health ---
+    def _on_state(self, up: bool) -> None:
+        self.metrics.connected.set(1 if up else 0)
+        if up:
+            self._outbox_wake.set()
+
+    def status(self, state: str = "online") -> SiteStatus:
+        """The site's status message."""
+        current = self.models.current()
+        enc = self.encoder
+        return SiteStatus(
+            site_id=self.settings.site_id,
+            state=state,
+            encoder=EncoderStatus(encoder_id=enc.encoder_id, variant=enc.variant, provider=enc.provider)
+            if enc
+            else None,
+            samples=len(self.store.samples()),
+            contribution_id=self.store.get("contribution_id"),
+            model_version=current[1].version if current else None,
+            outbox_depth=self.store.outbox_depth(),
+            bytes_sent=self.store.counters("bytes_sent"),
+            bytes_received=self.store.counters("bytes_received"),
+        )
+
+    def health(self) -> tuple[bool, dict]:
+        """For /healthz: healthy while connected (an offline edge still keeps its data and outbox safe)."""
+        current = self.models.current()
+        return self.bus.connected, {
+            "broker_connected": self.bus.connected,
+            "outbox_depth": self.store.outbox_depth(),
+            "model_version": current[1].version if current else None,
+        }
+
+    def _publish_status(self) -> None:
+        payload = self.status().model_dump_json().encode()
+        try:
+            self.bus.publish(self.topics.site(self.settings.site_id, "status"), payload, retain=True)
+        except NotConnected:
+            self._status_dirty.set()
+            return
+        self.metrics.sent_bytes.labels("status").inc(len(payload))
+
+    # --- inbound (paho network thread: parse, verify, queue) ---
+    def _subscribe(self) -> None:
+        s, t = self.settings, self.topics
+        self.bus.subscribe(t.hub_model, self._on_manifest)
+        self.bus.subscribe(t.hub_status, self._on_hub_status)
+        self.bus.subscribe(t.site(s.site_id, "errors"), self._on_error)
+
+    def _received(self, kind: str, n: int) -> None:
+        self.metrics.received_bytes.labels(kind).inc(n)
+        self.store.add_bytes("bytes_received", kind, n)
+
+    def _on_hub_status(self, topic: str, payload: bytes) -> None:
+        """A hub that comes online may have missed what was published before it subscribed: resend the latest."""
+        try:
+            status = HubStatus.model_validate_json(payload)
+        except ValidationError:
+            log.error("unreadable hub status on %s", topic)
+            return
+        if status.state == "online" and status.session_id != self.store.get("hub_session"):
+            self.store.set("hub_session", status.session_id)
+            resent = self.store.requeue_latest()  # before the outbox opens, so nothing goes out twice
+            if resent:
+                log.info("hub %s is online: resending the latest %s", status.hub_id, " and ".join(resent))
+        self._hub_seen.set()
+        self._outbox_wake.set()
+
+    def _on_manifest(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        self._received("model", len(payload))
+        try:
+            manifest = ModelManifest.model_validate_json(payload)
+        except ValidationError as err:
+            self.metrics.model_rejections.inc()
+            log.error("ignoring an invalid model manifest: %s", err.errors()[0]["msg"])
+            return
+        current = self.models.current()
+        if current is not None and manifest.version <= current[1].version:
+            return
+        with self._assembler_lock:
+            if self._assembler is not None and self._assembler.manifest.version >= manifest.version:
+                return
+            if self._assembler is not None:
+                self.bus.unsubscribe(self.topics.model_chunks(self._assembler.manifest.version))
+            self._assembler = ChunkAssembler(manifest)
+        log.info(
+            "model v%d announced (%d bytes in %d chunks); fetching",
+            manifest.version,
+            manifest.size_bytes,
+            len(manifest.chunks),
+        )
+        self.bus.subscribe(self.topics.model_chunks(manifest.version), self._on_chunk)
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a retired chunk being cleared
+        self._received("model", len(payload))
+        with self._assembler_lock:
+            asm = self._assembler
+            if asm is None:
+                return
+            try:
+                complete = asm.add(payload)
+            except (ModelRejected, ValidationError) as err:
+                self.metrics.model_rejections.inc()
+                log.error("model chunk on %s rejected: %s", topic, err)
+                return
+            if complete:
+                self._assembler = None
+                self.bus.unsubscribe(self.topics.model_chunks(asm.manifest.version))
+                self._jobs.put(("install", asm))
+
+    def _on_error(self, topic: str, payload: bytes) -> None:
+        self._received("errors", len(payload))
+        try:
+            report = ErrorReport.model_validate_json(payload)
+        except ValidationError:
+            log.error("unreadable message on %s", topic)
+            return
+        self.metrics.hub_errors.labels(report.code).inc()
+        log.error("hub rejected %s: %s: %s", report.ref_id or "a message", report.code, report.reason)
+
+    # --- outbox thread ---
+    def _outbox_loop(self) -> None:
+        while not self.stop_event.is_set():
+            items = self.store.pending() if self._hub_seen.is_set() else []
+            self.metrics.outbox_depth.set(self.store.outbox_depth())
+            if not items:
+                self._outbox_wake.wait(1.0)
+                self._outbox_wake.clear()
+                continue
+            for item in items:
+                try:
+                    for attempt in Retrying(
+                        retry=retry_if_exception_type(NotConnected),
+                        wait=wait_exponential(multiplier=0.5, max=30),
+                        stop=stop_when_event_set(self.stop_event),
+                        sleep=self.stop_event.wait,
+                    ):
+                        with attempt:
+                            if attempt.retry_state.attempt_number > 1:
+                                self.store.attempted(item.seq)
+                            self.bus.publish(item.topic, item.payload)
+                except RetryError:
+                    return  # stopping; the item stays in the outbox for the next start
+                self.store.acknowledged(item)
+                self.metrics.sent_bytes.labels(item.kind).inc(len(item.payload))
+                log.info("%s %s acknowledged by the broker (%d bytes)", item.kind, item.msg_id[:8], len(item.payload))
+                self._status_dirty.set()
+
+    # --- main loop work ---
+    def _read(self, samples: list[IndexedSample]) -> tuple[list[IndexedSample], np.ndarray]:
+        """Images of `samples` that can be read and have the encoder's size; others are logged once and skipped."""
+        ok, images = [], []
+        for smp in samples:
+            key = (smp.sample_id, smp.sha256)
+            if key in self._bad_files:
+                continue
+            try:
+                im = read_image(smp.path)
+                if im.shape != (self.image_size, self.image_size):
+                    raise ValueError(
+                        f"image is {im.shape[0]}x{im.shape[1]}, the encoder expects {self.image_size}x{self.image_size}"
+                    )
+            except (OSError, ValueError) as err:
+                self._bad_files.add(key)
+                self.metrics.unreadable_samples.inc()
+                log.error("skipping sample %s (%s): %s", smp.sample_id, smp.path, err)
+                continue
+            ok.append(smp)
+            images.append(im)
+        arr = np.stack(images)[:, None] if images else np.zeros((0, 1, self.image_size, self.image_size), np.float32)
+        return ok, arr
+
+    def sync(self) -> bool:
+        """Rescan the data folder and encode new training samples; True if anything changed."""
+        s = self.settings
+        added, changed, removed = self.store.sync(scan(s.data_dir), s.holdout_fraction)
+        if added or changed or removed:
+            self._last_change = time.monotonic()
+            log.info("data folder: %d added, %d changed, %d removed", len(added), len(changed), len(removed))
+            self.metrics.samples.labels("train").set(len(self.store.samples(holdout=False)))
+            self.metrics.samples.labels("holdout").set(len(self.store.samples(holdout=True)))
+            self._status_dirty.set()
+        missing = self.store.missing_embeddings()
+        if missing:
+            ok, images = self._read(missing)
+            if len(ok):
+                enc = self._encoder(images)
+                t = time.perf_counter()
+                emb = enc.encoder.encode(images)
+                self.metrics.encode_seconds.observe(time.perf_counter() - t)
+                self.metrics.encoded_samples.inc(len(ok))
+                self.store.put_embeddings([(smp.sample_id, smp.sha256, e) for smp, e in zip(ok, emb, strict=True)])
+        return bool(added or changed or removed)
+
+    def _encoder(self, sample: np.ndarray) -> EncoderChoice:
+        if self.encoder is None:
+            self.encoder = choose_encoder(self.bundle, sample[:64], prefer_cuda=self.settings.prefer_cuda)
+            log.info("encoder %s: %s on %s", self.encoder.encoder_id, self.encoder.variant, self.encoder.provider)
+        return self.encoder
+
+    def maybe_contribute(self) -> Contribution | None:
+        """Queue a new contribution when the encoded training set differs from the last one contributed."""
+        s = self.settings
+        if time.monotonic() - self._last_change < s.settle_s:
+            return None
+        if any((m.sample_id, m.sha256) not in self._bad_files for m in self.store.missing_embeddings()):
+            return None  # encoding still to do
+        ids, labels, emb, fp = self.store.training_set()
+        encoder_id = (
+            self.encoder.encoder_id
+            if self.encoder
+            else json.loads((self.bundle / "manifest.json").read_text())["encoder_id"]
+        )
+        fingerprint = hashlib.sha256(f"{fp}|{encoder_id}|{s.k}|{s.min_group_size}".encode()).hexdigest()
+        if fingerprint == self.store.get("contributed_fingerprint"):
+            return None
+        previous = self.store.get("contribution_id")
+        if not ids and previous is None:
+            return None
+        if ids:
+            c = make_contribution(
+                s.site_id, encoder_id, emb, labels, k=s.k, min_group_size=s.min_group_size, supersedes=previous
+            )
+        else:
+            c = Contribution(site_id=s.site_id, encoder_id=encoder_id, k=s.k, min_group_size=s.min_group_size,
+                             supersedes=previous, labels=[])  # fmt: skip
+        payload = c.to_json_bytes()
+        self.store.enqueue(
+            c.contribution_id, "embeddings", self.topics.site(s.site_id, "embeddings"), payload,
+            meta={"contribution_id": c.contribution_id, "contributed_fingerprint": fingerprint},
+        )  # fmt: skip
+        self.metrics.contributions.inc()
+        self._outbox_wake.set()
+        self._status_dirty.set()
+        log.info(
+            "contribution %s queued: %d samples, %d labels, %d bytes",
+            c.contribution_id[:8],
+            len(ids),
+            len(c.labels),
+            len(payload),
+        )
+        return c
+
+    def install(self, asm: ChunkAssembler) -> None:
+        """Verify and install a fully received model, then evaluate it."""
+        try:
+            path = self.models.install(asm.manifest, asm.assemble())
+        except ModelRejected as err:
+            self.metrics.model_rejections.inc()
+            log.error("%s", err)
+            return
+        self.metrics.model_version.set(asm.manifest.version)
+        log.info(
+            "model v%d verified (sha256 %s…) and installed at %s", asm.manifest.version, asm.manifest.sha256[:12], path
+        )
+        self.evaluate_current()
+
+    def evaluate_current(self) -> Evaluation | None:
+        """Evaluate the installed model on the held-out samples and queue the result for the hub (once per version)."""
+        current = self.models.current()
+        if current is None or self.store.get("evaluated_version") == str(current[1].version):
+            return None
+        path, manifest = current
+        samples, images = self._read(self.store.samples(holdout=True))
+        acc = GlobalModel.from_manifest(path, manifest).accuracy(images, [x.label for x in samples])
+        e = Evaluation(
+            site_id=self.settings.site_id, model_version=manifest.version, samples=len(samples), accuracy=acc
+        )
+        self.store.enqueue(e.eval_id, "eval", self.topics.site(self.settings.site_id, "eval"), e.model_dump_json().encode(),
+                           meta={"evaluated_version": str(manifest.version)})  # fmt: skip
+        if acc is not None:
+            self.metrics.local_accuracy.set(acc)
+        self._outbox_wake.set()
+        self._status_dirty.set()
+        log.info(
+            "model v%d: accuracy %s on %d held-out samples",
+            manifest.version,
+            "n/a" if acc is None else f"{acc:.3f}",
+            len(samples),
+        )
+        return e
+
+    # --- lifecycle ---
+    def run(self, ready: threading.Event | None = None) -> None:
+        """Serve until `stop_event` is set."""
+        s = self.settings
+        self._subscribe()
+        self.bus.start()
+        outbox = threading.Thread(target=self._outbox_loop, name="outbox", daemon=True)
+        outbox.start()
+        self.evaluate_current()  # a model installed just before a stop is evaluated now
+        if ready is not None:
+            ready.set()
+        next_scan = 0.0
+        try:
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                if now >= next_scan:
+                    try:
+                        self.sync()
+                        self.maybe_contribute()
+                    except FileNotFoundError as err:
+                        log.error("%s", err)
+                    next_scan = now + s.scan_interval_s
+                try:
+                    kind, job = self._jobs.get(timeout=0.2)
+                except queue.Empty:
+                    kind = None
+                if kind == "install":
+                    self.install(job)  # type: ignore[arg-type]
+                if self._status_dirty.is_set() and self.bus.connected:
+                    self._status_dirty.clear()
+                    self._publish_status()
+        finally:
+            self.stop_event.set()
+            self._outbox_wake.set()
+            outbox.join(timeout=10)
+            final = (self.topics.site(s.site_id, "status"), self.status("stopped").model_dump_json().encode())
+            self.bus.stop(final=final)
+            self.store.close()

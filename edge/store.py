@@ -1,0 +1,261 @@
+"""The edge's durable state in one SQLite file: the sample index, the outbox and a few facts (meta).
+
+- samples: one row per local file (id, label, path, timestamp, content hash, held-out flag, embedding),
+  kept in step with the data folder by `sync`.
+- outbox: payloads to publish, kept until the broker acknowledged them. A contribution enters the
+  outbox in the same transaction that records it as the site's latest, so a crash either loses the
+  whole step (redone on restart from the same files) or keeps it whole (resent on restart).
+- meta: the latest contribution, its fingerprint, the installed model version, byte counters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from contract.layout import LocalSample
+from runtime.sqlite import open_db, transaction
+
+log = logging.getLogger("fedge.edge")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (
+    sample_id TEXT PRIMARY KEY,
+    label TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    timestamp TEXT NOT NULL,
+    holdout INTEGER NOT NULL,
+    embedding BLOB
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    msg_id TEXT UNIQUE NOT NULL,
+    kind TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_at TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def holdout_of(sample_id: str, fraction: float) -> bool:
+    """Whether a sample is held out for evaluation: a stable function of its id, so it never flips."""
+    h = int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16)
+    return h / 2**32 < fraction
+
+
+@dataclass(frozen=True)
+class IndexedSample:
+    """A sample as the index holds it."""
+
+    sample_id: str
+    label: str
+    path: Path
+    sha256: str
+    holdout: bool
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """A payload waiting for the broker's acknowledgement."""
+
+    seq: int
+    msg_id: str
+    kind: str
+    topic: str
+    payload: bytes
+
+
+class EdgeStore:
+    """Thread-safe access to the edge's state file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._db = open_db(self.path, SCHEMA)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            self._db.close()
+
+    # --- meta ---
+    def get(self, key: str, default: str | None = None) -> str | None:
+        """A meta value."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def _set(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value)
+        )
+
+    def set(self, key: str, value: str) -> None:
+        """Set a meta value durably."""
+        with self._lock:
+            self._set(key, value)
+
+    def counters(self, name: str) -> dict[str, int]:
+        """A JSON dict of byte counters kept in meta."""
+        return json.loads(self.get(name, "{}") or "{}")
+
+    def add_bytes(self, name: str, kind: str, n: int) -> None:
+        """Add `n` to counter `kind` of `name` (bytes_sent or bytes_received)."""
+        with transaction(self._db, self._lock):
+            c = self.counters(name)
+            c[kind] = c.get(kind, 0) + n
+            self._set(name, json.dumps(c, sort_keys=True))
+
+    # --- sample index ---
+    def sync(self, found: list[LocalSample], holdout_fraction: float) -> tuple[list[str], list[str], list[str]]:
+        """Bring the index in line with the files found: (added, changed, removed) sample ids.
+
+        A file is re-hashed only when its size or modification time changed. Changed files lose
+        their embedding. A sample id found twice (the same stem under two labels) keeps its first
+        file; the other is logged as ignored, every scan, until someone renames it.
+        """
+        added, changed, removed = [], [], []
+        with self._lock:
+            known = {
+                r[0]: r[1:] for r in self._db.execute("SELECT sample_id, label, path, size, mtime_ns FROM samples")
+            }
+            seen: set[str] = set()
+            rows = []
+            for s in found:
+                if s.sample_id in seen:
+                    log.warning(
+                        "sample id %s is also at %s; ids must be unique, this file is ignored", s.sample_id, s.path
+                    )
+                    continue
+                seen.add(s.sample_id)
+                st = s.path.stat()
+                prev = known.get(s.sample_id)
+                if prev is not None and prev == (s.label, str(s.path), st.st_size, st.st_mtime_ns):
+                    continue
+                sha = hashlib.sha256(s.path.read_bytes()).hexdigest()
+                rows.append((s, st, sha))
+                (changed if prev is not None else added).append(s.sample_id)
+            removed = sorted(set(known) - seen)
+            if not rows and not removed:
+                return [], [], []
+            with transaction(self._db, self._lock):
+                for s, st, sha in rows:
+                    self._db.execute(
+                        "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (sample_id) DO UPDATE SET "
+                        "label = excluded.label, path = excluded.path, size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                        "sha256 = excluded.sha256, timestamp = excluded.timestamp, embedding = NULL",
+                        (s.sample_id, s.label, str(s.path), st.st_size, st.st_mtime_ns, sha,
+                         s.timestamp.astimezone(UTC).isoformat(), int(holdout_of(s.sample_id, holdout_fraction))),
+                    )  # fmt: skip
+                self._db.executemany("DELETE FROM samples WHERE sample_id = ?", [(r,) for r in removed])
+        return added, changed, removed
+
+    def samples(self, holdout: bool | None = None) -> list[IndexedSample]:
+        """Indexed samples (all, training only, or held out only), by sample id."""
+        q = "SELECT sample_id, label, path, sha256, holdout FROM samples"
+        args: tuple = ()
+        if holdout is not None:
+            q, args = q + " WHERE holdout = ?", (int(holdout),)
+        with self._lock:
+            cur = self._db.execute(q + " ORDER BY sample_id", args)
+            return [IndexedSample(r[0], r[1], Path(r[2]), r[3], bool(r[4])) for r in cur]
+
+    def missing_embeddings(self) -> list[IndexedSample]:
+        """Training samples not encoded yet."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT sample_id, label, path, sha256, holdout FROM samples WHERE embedding IS NULL AND holdout = 0 "
+                "ORDER BY sample_id"
+            )
+            return [IndexedSample(r[0], r[1], Path(r[2]), r[3], bool(r[4])) for r in cur]
+
+    def put_embeddings(self, items: list[tuple[str, str, np.ndarray]]) -> None:
+        """Store embeddings for (sample_id, sha256 it was computed from, vector); stale ones are dropped."""
+        with transaction(self._db, self._lock):
+            self._db.executemany(
+                "UPDATE samples SET embedding = ? WHERE sample_id = ? AND sha256 = ?",
+                [(np.asarray(v, "<f4").tobytes(), sid, sha) for sid, sha, v in items],
+            )
+
+    def training_set(self) -> tuple[list[str], list[str], np.ndarray, str]:
+        """(sample ids, labels, embeddings [n, d], fingerprint) of the encoded training samples."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sample_id, label, sha256, embedding FROM samples WHERE holdout = 0 AND embedding IS NOT NULL "
+                "ORDER BY sample_id"
+            ).fetchall()
+        h = hashlib.sha256()
+        for sid, label, sha, _ in rows:
+            h.update(f"{sid}\0{label}\0{sha}\n".encode())
+        emb = np.stack([np.frombuffer(r[3], "<f4") for r in rows]) if rows else np.zeros((0, 0), np.float32)
+        return [r[0] for r in rows], [r[1] for r in rows], emb, h.hexdigest()
+
+    # --- outbox ---
+    def enqueue(self, msg_id: str, kind: str, topic: str, payload: bytes, meta: dict[str, str] | None = None) -> bool:
+        """Durably queue a payload (and set `meta` in the same transaction); False if `msg_id` was queued before."""
+        with transaction(self._db, self._lock):
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO outbox (msg_id, kind, topic, payload, created_at) VALUES (?, ?, ?, ?, ?)",
+                (msg_id, kind, topic, payload, datetime.now(UTC).isoformat()),
+            )
+            for k, v in (meta or {}).items():
+                self._set(k, v)
+            if kind in ("embeddings", "eval"):
+                latest = {"msg_id": msg_id, "topic": topic, "payload": payload.decode()}
+                self._set(f"latest_{kind}", json.dumps(latest))
+        return cur.rowcount == 1
+
+    def requeue_latest(self, kinds: tuple[str, ...] = ("embeddings", "eval")) -> list[str]:
+        """Queue the latest payload of each kind again (unless it is still queued); the kinds requeued.
+
+        The hub deduplicates by payload id, so a resend is harmless; it covers a hub that was not yet
+        subscribed, or lost its session, when the payload was first acknowledged by the broker.
+        """
+        done = []
+        for kind in kinds:
+            raw = self.get(f"latest_{kind}")
+            if raw is None:
+                continue
+            latest = json.loads(raw)
+            if self.enqueue(latest["msg_id"], kind, latest["topic"], latest["payload"].encode()):
+                done.append(kind)
+        return done
+
+    def pending(self, limit: int = 50) -> list[OutboxItem]:
+        """Oldest payloads not yet acknowledged."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT seq, msg_id, kind, topic, payload FROM outbox ORDER BY seq LIMIT ?", (limit,)
+            )
+            return [OutboxItem(r[0], r[1], r[2], r[3], bytes(r[4])) for r in cur]
+
+    def outbox_depth(self) -> int:
+        """Payloads waiting for the broker."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def attempted(self, seq: int) -> None:
+        """Count a failed publish attempt."""
+        with self._lock:
+            self._db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", (seq,))
+
+    def acknowledged(self, item: OutboxItem) -> None:
+        """The broker has it: drop it from the outbox and count its bytes, in one transaction."""
+        with transaction(self._db, self._lock):
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (item.seq,))
+            c = self.counters("bytes_sent")
+            c[item.kind] = c.get(item.kind, 0) + len(item.payload)
+            self._set("bytes_sent", json.dumps(c, sort_keys=True))

@@ -1,0 +1,72 @@
+"""The hub's configuration tree (pydantic-settings): environment prefix FEDGE_HUB_, nested with `__`, or YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contract.payloads import SiteId
+from contract.topics import DEFAULT_PREFIX, SHARE_GROUP
+from hub.delivery import DEFAULT_CHUNK_BYTES
+from hub.intake import DEFAULT_MAX_PAYLOAD_BYTES
+from runtime.mqtt import BrokerSettings
+
+
+class RoundPolicy(BaseModel):
+    """When the hub starts a round on its own (`fedge-hub round start` can always ask for one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_sites: int = Field(
+        default=3, ge=1, description="Start once this many sites have a contribution not yet in a model."
+    )
+    deadline_s: float | None = Field(
+        default=None, gt=0, description="Start anyway this long after the first change not yet in a model."
+    )
+    poll_s: float = Field(default=0.5, gt=0, le=60, description="How often the policy is checked.")
+
+
+class SynthesisSettings(BaseModel):
+    """Synthesis and training of the global model (see hub/synthesis.py and hub/rounds.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    samples_per_count: float = Field(
+        default=4.0, gt=0, description="Synthetic samples per real sample a prototype stands for."
+    )
+    guidance: float = Field(default=1.0, ge=1.0, le=10.0, description="Classifier-free guidance scale (1 = none).")
+    steps: int = Field(default=15, ge=1, le=1000, description="DDIM sampling steps.")
+    epochs: int = Field(default=30, ge=1, le=1000, description="Classifier training epochs.")
+    seed: int = Field(default=0, description="Seed of synthesis and training (same seed, same model).")
+
+
+class HubSettings(BaseSettings):
+    """Everything `fedge-hub run` reads."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDGE_HUB_", env_nested_delimiter="__", extra="forbid")
+
+    hub_id: SiteId = Field(default="hub", description="Name of this hub worker (MQTT client id fedge-hub-<hub_id>).")
+    state_dir: Path = Field(default=Path("var/hub"), description="Ledger, model versions and synthesis cache.")
+    foundation: str = Field(default="digits", description="Bundled foundation model name or bundle directory.")
+    device: str = Field(default="auto", description="torch device for synthesis and training: auto, cpu or cuda.")
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    topic_prefix: str = Field(default=DEFAULT_PREFIX, description="Prefix of every topic.")
+    share_group: str = Field(default=SHARE_GROUP, description="Shared-subscription group of the hub workers (MQTT v5).")
+    rounds: RoundPolicy = Field(default_factory=RoundPolicy)
+    synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings)
+    max_payload_bytes: int = Field(
+        default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1024, description="Larger payloads are rejected."
+    )
+    chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=16 * 1024 * 1024, description="Model chunk size.")
+    metrics_host: str = Field(default="0.0.0.0", description="Address of /metrics and /healthz.")
+    metrics_port: int | None = Field(
+        default=9400, ge=0, le=65535, description="Port of /metrics and /healthz (0: any free port; null: off)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> HubSettings:
+        if self.device not in {"auto", "cpu", "cuda"} and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self

@@ -1,0 +1,95 @@
+"""Validation of what sites publish: a payload is accepted whole or rejected with a code and a reason.
+
+Pure functions over bytes; the hub service turns a `Rejected` into an `ErrorReport` on the sender's
+`errors` topic, a ledger row and a metric, and applies nothing of the payload.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from contract.payloads import SCHEMA_VERSION, Contribution, ErrorCode, Evaluation
+
+# A contribution is a few KB (16 prototypes x 10 labels x 32 dims in float16 is about 14 KB of JSON).
+DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
+M = TypeVar("M", bound=BaseModel)
+
+
+class Rejected(Exception):
+    """A payload the hub refuses, with a machine-readable code and a sentence for people."""
+
+    def __init__(self, code: ErrorCode, reason: str, ref_id: str | None = None):
+        super().__init__(f"{code}: {reason}")
+        self.code, self.reason, self.ref_id = code, reason, ref_id
+
+
+def _decode(payload: bytes, max_bytes: int, id_field: str) -> dict[str, Any]:
+    if len(payload) > max_bytes:
+        raise Rejected("oversize", f"payload is {len(payload)} bytes; at most {max_bytes} are accepted")
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise Rejected("not_json", f"payload is not UTF-8 JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise Rejected("invalid", f"payload must be a JSON object, got {type(body).__name__}")
+    ref = body.get(id_field) if isinstance(body.get(id_field), str) else None
+    version = body.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise Rejected(
+            "schema_version", f"schema_version {version!r} is not supported; this hub reads {SCHEMA_VERSION}", ref
+        )
+    return body
+
+
+def _classify(err: ValidationError, ref: str | None) -> Rejected:
+    """The first validation error as a rejection, with the field path in the reason."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "payload"
+    msg = first["msg"].removeprefix("Value error, ")
+    kind = first["type"]
+    if kind == "missing":
+        return Rejected("invalid", f"missing field {where}", ref)
+    if kind == "finite_number" or "NaN or infinite" in msg:
+        return Rejected("non_finite", f"{where}: {msg}", ref)
+    if where.endswith("dtype"):
+        return Rejected("dtype", f"{where}: {msg} (float16 or float32, little-endian)", ref)
+    return Rejected("invalid", f"{where}: {msg}", ref)
+
+
+def _parse(payload: bytes, topic_site: str, model: type[M], id_field: str, max_bytes: int) -> M:
+    """Decode, check the schema version, validate against `model`, and check the body's site against the topic's."""
+    body = _decode(payload, max_bytes, id_field)
+    ref = body.get(id_field) if isinstance(body.get(id_field), str) else None
+    try:
+        obj = model.model_validate(body)
+    except ValidationError as err:
+        raise _classify(err, ref) from None
+    if obj.site_id != topic_site:  # type: ignore[attr-defined]
+        raise Rejected("site_mismatch", f"body names site {obj.site_id!r} but was published by {topic_site!r}", ref)  # type: ignore[attr-defined]
+    return obj
+
+
+def parse_contribution(
+    payload: bytes, topic_site: str, encoders: dict[str, int], max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+) -> Contribution:
+    """Validate an `embeddings` payload from `topic_site` against the encoders this hub accepts (id -> dim)."""
+    c = _parse(payload, topic_site, Contribution, "contribution_id", max_bytes)
+    ref = c.contribution_id
+    if c.encoder_id not in encoders:
+        known = ", ".join(sorted(encoders)) or "none"
+        raise Rejected("unknown_encoder", f"encoder {c.encoder_id!r} is not served by this hub (known: {known})", ref)
+    if c.dim is not None and c.dim != encoders[c.encoder_id]:
+        raise Rejected(
+            "dimension",
+            f"embeddings have dimension {c.dim}; encoder {c.encoder_id} gives {encoders[c.encoder_id]}",
+            ref,
+        )
+    return c
+
+
+def parse_evaluation(payload: bytes, topic_site: str, max_bytes: int = 16 * 1024) -> Evaluation:
+    """Validate an `eval` payload from `topic_site`."""
+    return _parse(payload, topic_site, Evaluation, "eval_id", max_bytes)

@@ -1,0 +1,292 @@
+"""The hub's durable ledger (SQLite): contributions, rejections, evaluations, rounds and every decision.
+
+Each change is one transaction, committed (WAL, synchronous=FULL) before the MQTT message that caused
+it is acknowledged. Contributions are immutable; only their state moves:
+
+    active --(newer contribution from the same site)--> superseded
+
+Several hub workers on one host may share the file: SQLite serialises the writers, and a round is
+claimed with a conditional UPDATE, so only one worker runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from contract.payloads import Contribution, ErrorReport, Evaluation
+from hub.intake import Rejected
+from runtime.sqlite import open_db, transaction
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS contributions (
+    contribution_id TEXT PRIMARY KEY,
+    site_id TEXT NOT NULL,
+    encoder_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    supersedes TEXT,
+    payload_sha256 TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    samples INTEGER NOT NULL,
+    labels INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('active', 'superseded')),
+    superseded_by TEXT
+);
+CREATE INDEX IF NOT EXISTS contributions_site ON contributions (site_id, state);
+CREATE TABLE IF NOT EXISTS rejections (
+    error_id TEXT PRIMARY KEY,
+    at TEXT NOT NULL,
+    site_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    code TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    ref_id TEXT,
+    payload_sha256 TEXT NOT NULL,
+    payload_bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    eval_id TEXT PRIMARY KEY,
+    site_id TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    accuracy REAL,
+    at TEXT NOT NULL,
+    received_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    requested_at TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('requested', 'running', 'done', 'failed')),
+    started_at TEXT,
+    finished_at TEXT,
+    contributions TEXT,
+    model_version INTEGER,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One round as the ledger records it."""
+
+    round_id: int
+    trigger: str
+    state: str
+    contributions: list[str]
+    model_version: int | None
+    error: str | None
+
+
+class Ledger:
+    """Thread-safe access to one ledger file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._db = open_db(self.path, SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            self._db.close()
+
+    def _tx(self):
+        return transaction(self._db, self._lock)
+
+    def _decide(self, kind: str, subject: str, detail: dict) -> None:
+        self._db.execute(
+            "INSERT INTO decisions (at, kind, subject, detail) VALUES (?, ?, ?, ?)",
+            (_now(), kind, subject, json.dumps(detail, sort_keys=True)),
+        )
+
+    # --- contributions ---
+    def ingest(self, c: Contribution, payload: bytes) -> bool:
+        """Record a validated contribution; True if new, False for a harmless redelivery.
+
+        Raises Rejected for an id reused with different content, or a `supersedes` that names no
+        earlier contribution of the same site. Nothing is written then.
+        """
+        sha = hashlib.sha256(payload).hexdigest()
+        with self._tx():
+            row = self._db.execute(
+                "SELECT payload_sha256, site_id FROM contributions WHERE contribution_id = ?", (c.contribution_id,)
+            ).fetchone()
+            if row is not None:
+                if row[0] == sha and row[1] == c.site_id:
+                    return False
+                raise Rejected(
+                    "duplicate_id",
+                    f"contribution_id {c.contribution_id} was already used for different content; ids are never reused",
+                    c.contribution_id,
+                )
+            if c.supersedes is not None:
+                prev = self._db.execute(
+                    "SELECT 1 FROM contributions WHERE contribution_id = ? AND site_id = ?", (c.supersedes, c.site_id)
+                ).fetchone()
+                if prev is None:
+                    raise Rejected(
+                        "unknown_supersedes",
+                        f"supersedes {c.supersedes}, which is no contribution of site {c.site_id}",
+                        c.contribution_id,
+                    )
+            replaced = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT contribution_id FROM contributions WHERE site_id = ? AND state = 'active'", (c.site_id,)
+                )
+            ]
+            self._db.execute(
+                "INSERT INTO contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', NULL)",
+                (
+                    c.contribution_id, c.site_id, c.encoder_id, c.created_at.isoformat(), _now(), c.supersedes, sha,
+                    payload, c.n_samples, len(c.labels),
+                ),
+            )  # fmt: skip
+            for old in replaced:
+                self._db.execute(
+                    "UPDATE contributions SET state = 'superseded', superseded_by = ? WHERE contribution_id = ?",
+                    (c.contribution_id, old),
+                )
+            self._decide("ingest", c.contribution_id, {"site": c.site_id, "supersedes": replaced})
+        return True
+
+    def active(self) -> list[Contribution]:
+        """The active contribution of every site, in contribution-id order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT payload FROM contributions WHERE state = 'active' ORDER BY contribution_id"
+            ).fetchall()
+        return [Contribution.model_validate_json(r[0]) for r in rows]
+
+    def counts_by_state(self) -> dict[str, int]:
+        """Number of contributions per state."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM contributions GROUP BY state").fetchall()
+        return {"active": 0, "superseded": 0, **dict(rows)}
+
+    def contribution_ids(self, site_id: str | None = None) -> list[str]:
+        """Every contribution id ever ingested (optionally of one site), oldest first."""
+        q = "SELECT contribution_id FROM contributions"
+        args: tuple = ()
+        if site_id is not None:
+            q, args = q + " WHERE site_id = ?", (site_id,)
+        with self._lock:
+            return [r[0] for r in self._db.execute(q + " ORDER BY received_at, contribution_id", args)]
+
+    # --- rejections and evaluations ---
+    def reject(self, report: ErrorReport) -> None:
+        """Record why a payload was refused."""
+        with self._tx():
+            self._db.execute(
+                "INSERT OR IGNORE INTO rejections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (report.error_id, report.at.isoformat(), report.site_id, report.topic, report.code, report.reason,
+                 report.ref_id, report.payload_sha256, report.payload_bytes),
+            )  # fmt: skip
+
+    def rejections(self) -> list[dict]:
+        """Every recorded rejection, oldest first."""
+        with self._lock:
+            cur = self._db.execute("SELECT site_id, topic, code, reason, ref_id FROM rejections ORDER BY at")
+            return [dict(zip(("site_id", "topic", "code", "reason", "ref_id"), r, strict=True)) for r in cur]
+
+    def record_evaluation(self, e: Evaluation) -> bool:
+        """Store a site's federated evaluation; False for a redelivery."""
+        with self._tx():
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (e.eval_id, e.site_id, e.model_version, e.samples, e.accuracy, e.at.isoformat(), _now()),
+            )
+            return cur.rowcount == 1
+
+    def evaluations(self, model_version: int | None = None) -> list[dict]:
+        """Federated evaluations (latest per site and version)."""
+        q = "SELECT site_id, model_version, samples, accuracy FROM evaluations"
+        args: tuple = ()
+        if model_version is not None:
+            q, args = q + " WHERE model_version = ?", (model_version,)
+        with self._lock:
+            cur = self._db.execute(q + " ORDER BY received_at", args)
+            latest = {(r[0], r[1]): r for r in cur}
+        return [dict(zip(("site_id", "model_version", "samples", "accuracy"), r, strict=True)) for r in latest.values()]
+
+    # --- rounds ---
+    def request_round(self, trigger: str) -> int:
+        """Ask for a round (the CLI's `round start`, or the policy); returns its id."""
+        with self._tx():
+            open_ = self._db.execute("SELECT round_id FROM rounds WHERE state = 'requested'").fetchone()
+            if open_ is not None:
+                return int(open_[0])
+            cur = self._db.execute(
+                "INSERT INTO rounds (requested_at, trigger, state) VALUES (?, ?, 'requested')", (_now(), trigger)
+            )
+            return int(cur.lastrowid)
+
+    def claim_round(self) -> int | None:
+        """Move the oldest requested round to running, if no round is running; its id, or None."""
+        with self._tx():
+            if self._db.execute("SELECT 1 FROM rounds WHERE state = 'running'").fetchone():
+                return None
+            row = self._db.execute("SELECT round_id FROM rounds WHERE state = 'requested' ORDER BY round_id").fetchone()
+            if row is None:
+                return None
+            self._db.execute(
+                "UPDATE rounds SET state = 'running', started_at = ? WHERE round_id = ? AND state = 'requested'",
+                (_now(), row[0]),
+            )
+            return int(row[0])
+
+    def finish_round(
+        self, round_id: int, contributions: list[str], model_version: int | None, error: str | None = None
+    ) -> None:
+        """Close a running round as done (with its model version) or failed (with the error)."""
+        with self._tx():
+            self._db.execute(
+                "UPDATE rounds SET state = ?, finished_at = ?, contributions = ?, model_version = ?, error = ? "
+                "WHERE round_id = ?",
+                ("failed" if error else "done", _now(), json.dumps(contributions), model_version, error, round_id),
+            )
+            self._decide("round", str(round_id), {"model_version": model_version, "error": error})
+
+    def fail_interrupted_rounds(self) -> int:
+        """Rounds left 'running' by a crash are failed on start (the next round redoes the work)."""
+        with self._tx():
+            cur = self._db.execute(
+                "UPDATE rounds SET state = 'failed', finished_at = ?, error = 'hub stopped during the round' "
+                "WHERE state = 'running'",
+                (_now(),),
+            )
+            return cur.rowcount
+
+    def rounds(self) -> list[RoundRow]:
+        """Every round, oldest first."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT round_id, trigger, state, contributions, model_version, error FROM rounds ORDER BY round_id"
+            )
+            return [RoundRow(r[0], r[1], r[2], json.loads(r[3] or "[]"), r[4], r[5]) for r in cur]
+
+    def last_trained_set(self) -> set[str] | None:
+        """Contribution ids of the last successful round, or None before the first."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT contributions FROM rounds WHERE state = 'done' ORDER BY round_id DESC LIMIT 1"
+            ).fetchone()
+        return None if row is None else set(json.loads(row[0]))

@@ -1,0 +1,78 @@
+"""The hub's Prometheus metrics (prefix `fedge_hub_`, base units). Label sets are initialised up front."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from contract.payloads import ErrorCode
+
+INGEST_KINDS = ("embeddings", "eval")
+SENT_KINDS = ("model", "errors", "status")
+ERROR_CODES: tuple[str, ...] = ErrorCode.__args__  # type: ignore[attr-defined]
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+WORK_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class _LedgerCollector(Collector):
+    def __init__(self, counts: Callable[[], dict[str, int]]):
+        self.counts = counts
+
+    def collect(self):
+        g = GaugeMetricFamily("fedge_hub_contributions", "Contributions in the ledger, by state.", labels=["state"])
+        for state, n in sorted(self.counts().items()):
+            g.add_metric([state], n)
+        yield g
+
+
+class HubMetrics:
+    """Every metric the hub exports, on its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.messages = Counter(
+            "fedge_hub_messages", "Messages from sites, by kind and outcome.", ["kind", "result"], registry=r
+        )
+        self.rejections = Counter("fedge_hub_rejections", "Rejected messages, by reason code.", ["code"], registry=r)
+        self.received_bytes = Counter(
+            "fedge_hub_received_bytes", "Payload bytes received, by kind.", ["kind"], registry=r
+        )
+        self.sent_bytes = Counter("fedge_hub_sent_bytes", "Payload bytes published, by kind.", ["kind"], registry=r)
+        self.ingest_latency = Histogram(
+            "fedge_hub_publish_to_ingest_seconds", "From a contribution's created_at to its durable ingest.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.synthesis = Histogram(
+            "fedge_hub_synthesis_seconds", "Synthesis time per round.", buckets=WORK_BUCKETS, registry=r
+        )
+        self.training = Histogram(
+            "fedge_hub_training_seconds", "Training time per round.", buckets=WORK_BUCKETS, registry=r
+        )
+        self.rounds = Counter("fedge_hub_rounds", "Rounds finished, by result.", ["result"], registry=r)
+        self.model_version = Gauge("fedge_hub_model_version", "Version of the published global model.", registry=r)
+        self.connected = Gauge("fedge_hub_broker_connected", "1 while connected to the broker.", registry=r)
+        self.fedavg_round_bytes = Gauge(
+            "fedge_hub_fedavg_round_bytes", "Bytes one FedAvg round of the current model would cost a site (up + down).",
+            registry=r,
+        )  # fmt: skip
+        self.federated_accuracy = Gauge(
+            "fedge_hub_federated_accuracy", "Accuracy of the current model on sites' held-out samples, sample-weighted.",
+            registry=r,
+        )  # fmt: skip
+        for k in INGEST_KINDS:
+            self.received_bytes.labels(k)
+            for res in ("accepted", "duplicate", "rejected"):
+                self.messages.labels(k, res)
+        for k in SENT_KINDS:
+            self.sent_bytes.labels(k)
+        for c in ERROR_CODES:
+            self.rejections.labels(c)
+        for res in ("done", "failed"):
+            self.rounds.labels(res)
+
+    def watch_ledger(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Export contributions by state straight from the ledger at scrape time."""
+        self.registry.register(_LedgerCollector(counts))

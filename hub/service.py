@@ -1,0 +1,292 @@
+"""`fedge-hub run`: ingest contributions from MQTT, run rounds by policy, deliver models, collect evaluations.
+
+Threads: paho's network thread runs the message handlers (validate, write the ledger, then the
+message is acknowledged); the main loop checks the round policy, runs rounds and publishes. Core
+work (synthesis, training, registry) is the same code the core-loop demo and the benchmark run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from contract.payloads import ErrorReport, HubStatus, ModelManifest, new_id
+from contract.topics import Topics
+from hub.config import HubSettings
+from hub.delivery import clear_messages, model_messages
+from hub.intake import Rejected, parse_contribution, parse_evaluation
+from hub.ledger import Ledger
+from hub.metrics import HubMetrics
+from hub.registry import ModelRegistry, ModelVersion
+from runtime.mqtt import Bus, NotConnected
+
+log = logging.getLogger("fedge.hub")
+
+
+def resolve_device(name: str) -> str:
+    """`auto` is cuda when torch sees a GPU, else cpu."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class HubService:
+    """One hub worker."""
+
+    def __init__(self, settings: HubSettings, metrics: HubMetrics | None = None):
+        import bundled
+        from hub.foundation.bundle import load as load_foundation
+        from hub.rounds import TrainConfig
+        from hub.synthesis import SynthesisConfig, Synthesizer
+
+        self.settings = s = settings
+        self.topics = Topics(s.topic_prefix)
+        self.metrics = metrics or HubMetrics()
+        self.ledger = Ledger(s.state_dir / "ledger.sqlite")
+        self.registry = ModelRegistry(s.state_dir / "models")
+        self.device = resolve_device(s.device)
+        self.foundation = load_foundation(bundled.resolve(s.foundation), device=self.device)
+        self.encoders = {self.foundation.encoder_id: self.foundation.dim}
+        syn = s.synthesis
+        self.synthesizer = Synthesizer(
+            self.foundation,
+            SynthesisConfig(
+                samples_per_count=syn.samples_per_count, guidance=syn.guidance, steps=syn.steps, seed=syn.seed
+            ),
+            cache_dir=s.state_dir / "synthesis-cache",
+            progress=False,
+        )
+        self.train_config = TrainConfig(epochs=syn.epochs, seed=syn.seed)
+        self.metrics.watch_ledger(self.ledger.counts_by_state)
+        self.stop_event = threading.Event()
+        self._republish = threading.Event()
+        self._pending_since: float | None = None
+        self._state = "online"
+        self.session_id = new_id()
+        self.bus = Bus(
+            f"fedge-hub-{s.hub_id}",
+            s.broker,
+            will=(self.topics.hub_status, self._status("offline").model_dump_json().encode()),
+            on_connect=self._on_connect,
+            on_state=lambda up: self.metrics.connected.set(1 if up else 0),
+        )
+        latest = self.registry.latest()
+        if latest is not None:
+            self.metrics.model_version.set(latest.version)
+
+    # --- status ---
+    def _status(self, state: str) -> HubStatus:
+        latest = self.registry.latest()
+        return HubStatus(
+            hub_id=self.settings.hub_id,
+            session_id=self.session_id,
+            state=state,
+            model_version=latest.version if latest else None,
+            active_contributions=self.ledger.counts_by_state()["active"],
+        )
+
+    def _publish_status(self, state: str) -> None:
+        self._state = state
+        payload = self._status(state).model_dump_json().encode()
+        try:
+            self.bus.publish(self.topics.hub_status, payload, retain=True)
+            self.metrics.sent_bytes.labels("status").inc(len(payload))
+        except NotConnected as err:
+            log.warning("hub status not published: %s", err)
+
+    def health(self) -> tuple[bool, dict]:
+        """For /healthz: healthy while connected to the broker."""
+        latest = self.registry.latest()
+        return self.bus.connected, {
+            "broker_connected": self.bus.connected,
+            "state": self._state,
+            "model_version": latest.version if latest else None,
+        }
+
+    # --- inbound (paho network thread) ---
+    def _on_connect(self) -> None:
+        self.session_id = new_id()
+        self._republish.set()  # the broker may have lost its retained messages: the main loop republishes
+
+    def _subscribe(self) -> None:
+        t, v5 = self.topics, self.bus.v5
+        for kind, handler in (("embeddings", self._on_embeddings), ("eval", self._on_eval)):
+            f = t.all_sites(kind)
+            self.bus.subscribe(t.shared(f, self.settings.share_group) if v5 else f, handler)
+
+    def _reject(self, topic: str, site_id: str, payload: bytes, err: Rejected, kind: str) -> None:
+        report = ErrorReport(
+            site_id=site_id,
+            topic=topic,
+            code=err.code,
+            reason=err.reason,
+            ref_id=err.ref_id if err.ref_id and len(err.ref_id) <= 64 else None,
+            payload_sha256=hashlib.sha256(payload).hexdigest(),
+            payload_bytes=len(payload),
+        )
+        self.ledger.reject(report)
+        self.metrics.messages.labels(kind, "rejected").inc()
+        self.metrics.rejections.labels(err.code).inc()
+        body = report.model_dump_json().encode()
+        self.bus.publish_nowait(self.topics.site(site_id, "errors"), body)
+        self.metrics.sent_bytes.labels("errors").inc(len(body))
+        log.warning("rejected %s from %s: %s: %s", kind, site_id, err.code, err.reason)
+
+    def _on_embeddings(self, topic: str, payload: bytes) -> None:
+        site_id = self.topics.parse_site(topic)[0]
+        self.metrics.received_bytes.labels("embeddings").inc(len(payload))
+        try:
+            c = parse_contribution(payload, site_id, self.encoders, self.settings.max_payload_bytes)
+            new = self.ledger.ingest(c, payload)
+        except Rejected as err:
+            self._reject(topic, site_id, payload, err, "embeddings")
+            return
+        self.metrics.messages.labels("embeddings", "accepted" if new else "duplicate").inc()
+        if new:
+            self.metrics.ingest_latency.observe(max(0.0, time.time() - c.created_at.timestamp()))
+            log.info(
+                "contribution %s from %s: %d labels, %d samples",
+                c.contribution_id[:8],
+                site_id,
+                len(c.labels),
+                c.n_samples,
+            )
+
+    def _on_eval(self, topic: str, payload: bytes) -> None:
+        site_id = self.topics.parse_site(topic)[0]
+        self.metrics.received_bytes.labels("eval").inc(len(payload))
+        try:
+            e = parse_evaluation(payload, site_id)
+        except Rejected as err:
+            self._reject(topic, site_id, payload, err, "eval")
+            return
+        new = self.ledger.record_evaluation(e)
+        self.metrics.messages.labels("eval", "accepted" if new else "duplicate").inc()
+        rows = [r for r in self.ledger.evaluations(e.model_version) if r["accuracy"] is not None and r["samples"]]
+        if rows and e.model_version == (self.registry.versions() or [0])[-1]:
+            n = sum(r["samples"] for r in rows)
+            self.metrics.federated_accuracy.set(sum(r["accuracy"] * r["samples"] for r in rows) / n)
+        log.info(
+            "evaluation from %s: model v%d, accuracy %s on %d samples", site_id, e.model_version, e.accuracy, e.samples
+        )
+
+    # --- rounds (main thread) ---
+    def check_policy(self, now: float) -> str | None:
+        """Request a round when the active contributions changed and the policy says so; the trigger or None."""
+        active = {c.contribution_id for c in self.ledger.active() if c.labels}
+        if active == (self.ledger.last_trained_set() or set()) or not active:
+            self._pending_since = None
+            return None
+        if self._pending_since is None:
+            self._pending_since = now
+        p = self.settings.rounds
+        trigger = None
+        if len(active) >= p.min_sites:
+            trigger = "min_sites"
+        elif p.deadline_s is not None and now - self._pending_since >= p.deadline_s:
+            trigger = "deadline"
+        if trigger:
+            self.ledger.request_round(trigger)
+        return trigger
+
+    def run_round(self, round_id: int) -> ModelVersion | None:
+        """Synthesize and train on the active contributions, publish the model; the ledger records the outcome."""
+        from hub.rounds import publish, run_round
+
+        contributions = [c for c in self.ledger.active() if c.labels]
+        ids = [c.contribution_id for c in contributions]
+        if not contributions:
+            self.ledger.finish_round(round_id, ids, None, "no active contribution carries samples")
+            self.metrics.rounds.labels("failed").inc()
+            return None
+        self._publish_status("training")
+        log.info(
+            "round %d: %d contributions from %d sites", round_id, len(ids), len({c.site_id for c in contributions})
+        )
+        try:
+            result = run_round(contributions, self.synthesizer, replace(self.train_config))
+            version = publish(
+                result, self.registry, contributions, {"foundation": self.foundation.encoder_id, "round": round_id}
+            )
+        except Exception as err:  # a failed round is recorded and reported, the hub keeps serving
+            log.exception("round %d failed", round_id)
+            self.ledger.finish_round(round_id, ids, None, f"{type(err).__name__}: {err}")
+            self.metrics.rounds.labels("failed").inc()
+            self._publish_status("online")
+            return None
+        self.metrics.synthesis.observe(result.synthesis_s)
+        self.metrics.training.observe(result.training_s)
+        self.ledger.finish_round(round_id, ids, version.version)
+        self.metrics.rounds.labels("done").inc()
+        self.metrics.model_version.set(version.version)
+        log.info("round %d: model v%d (%d synthetic samples, %.1f s + %.1f s)", round_id, version.version,
+                 len(result.synthetic.labels), result.synthesis_s, result.training_s)  # fmt: skip
+        self.deliver(version)
+        self._publish_status("online")
+        return version
+
+    def deliver(self, version: ModelVersion) -> ModelManifest:
+        """Publish a model's chunks, then its manifest (all retained), and retire chunks two versions back."""
+        manifest, chunks = model_messages(version, self.topics, self.foundation.encoder_id, self.settings.chunk_bytes)
+        for topic, payload in chunks:
+            self.bus.publish(topic, payload, retain=True)
+            self.metrics.sent_bytes.labels("model").inc(len(payload))
+        body = manifest.model_dump_json().encode()
+        self.bus.publish(self.topics.hub_model, body, retain=True)
+        self.metrics.sent_bytes.labels("model").inc(len(body))
+        self.metrics.fedavg_round_bytes.set(manifest.fedavg_round_bytes)
+        old = version.version - 2
+        if old >= 1 and old in self.registry.versions():
+            for topic in clear_messages(self.registry.get(old), self.topics, self.settings.chunk_bytes):
+                self.bus.publish(topic, b"", retain=True)
+        log.info("model v%d delivered: %d chunks, %d bytes", version.version, len(chunks), manifest.size_bytes)
+        return manifest
+
+    # --- lifecycle ---
+    def run(self, ready: threading.Event | None = None) -> None:
+        """Serve until `stop_event` is set."""
+        failed = self.ledger.fail_interrupted_rounds()
+        if failed:
+            log.warning("%d round(s) were interrupted by a stop; the next round redoes them", failed)
+        self._subscribe()
+        self.bus.start()
+        if ready is not None:
+            ready.set()
+        poll = self.settings.rounds.poll_s
+        try:
+            while not self.stop_event.is_set():
+                if self.bus.connected and self._republish.is_set():
+                    self._republish.clear()
+                    self._publish_status("online")
+                    latest = self.registry.latest()
+                    if latest is not None:
+                        try:
+                            self.deliver(latest)
+                        except NotConnected as err:
+                            log.warning("could not republish model v%d: %s", latest.version, err)
+                            self._republish.set()
+                self.check_policy(time.monotonic())
+                if self.bus.connected:
+                    round_id = self.ledger.claim_round()
+                    if round_id is not None:
+                        try:
+                            self.run_round(round_id)
+                        except NotConnected as err:
+                            # The model is durable in the registry; delivery is retried after reconnecting.
+                            log.warning("delivery interrupted: %s", err)
+                            self._republish.set()
+                self.stop_event.wait(poll)
+        finally:
+            self.bus.stop(final=(self.topics.hub_status, self._status("stopped").model_dump_json().encode()))
+            self.ledger.close()
+
+
+def state_dir_ledger(state_dir: Path) -> Ledger:
+    """The ledger of a hub state directory (for CLI commands next to a running hub)."""
+    return Ledger(Path(state_dir) / "ledger.sqlite")

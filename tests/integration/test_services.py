@@ -1,0 +1,258 @@
+"""The MQTT services on a real Mosquitto: a full round, bad payloads, an edge killed mid-round."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from contract.payloads import Contribution, ErrorReport, HubStatus
+from contract.topics import Topics
+from edge.contribution import make_contribution
+from edge.models import ModelStore
+from hub import datasets
+from hub.config import HubSettings
+from hub.demo import free_port, run_demo
+from hub.service import HubService
+from runtime.mqtt import BrokerSettings
+
+pytestmark = pytest.mark.slow
+TOPICS = Topics()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_demo_round_over_mqtt(tmp_path: Path) -> None:
+    """README command 1: broker, hub and three edge processes; every edge receives and verifies the model."""
+    result = run_demo(tmp_path / "demo", log=lambda s: None)
+    assert result["global_test_accuracy"] >= 0.85
+    assert result["broker"].startswith("Mosquitto")
+    for site in result["sites"]:
+        assert 0 < site["bytes_sent_embeddings"] < 20_000  # a few KB of prototypes, never images
+        assert site["local_accuracy"] >= 0.7
+        path, manifest = ModelStore(tmp_path / "demo" / site["site_id"] / "state" / "models").current()
+        assert manifest.version == result["model_version"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest.sha256
+    hub_model = Path(result["model_path"]).read_bytes()
+    assert hashlib.sha256(hub_model).hexdigest() == manifest.sha256
+
+
+class Watcher:
+    """A plain paho v5 client, as a third-party tool would use the documented topics."""
+
+    def __init__(self, broker: BrokerSettings, filters: list[str]):
+        self.messages: list[tuple[str, bytes]] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watcher-{os.getpid()}", protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload)))
+        self.client.connect(broker.host, broker.port)
+        for f in filters:
+            self.client.subscribe(f, qos=1)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def on(self, topic_prefix: str) -> list[bytes]:
+        return [p for t, p in self.messages if t.startswith(topic_prefix)]
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def hub(mosquitto: BrokerSettings, tmp_path: Path) -> Iterator[HubService]:
+    """A hub worker in a thread, small synthesis so rounds are quick."""
+    settings = HubSettings(
+        state_dir=tmp_path / "hub", broker=mosquitto, metrics_port=None,
+        rounds={"min_sites": 3, "poll_s": 0.2}, synthesis={"samples_per_count": 1.0, "epochs": 8},
+    )  # fmt: skip
+    service = HubService(settings)
+    thread = threading.Thread(target=service.run, name="hub")
+    thread.start()
+    watcher = Watcher(mosquitto, [TOPICS.hub_status])
+    wait_for(lambda: any(HubStatus.model_validate_json(p).state == "online" for p in watcher.on(TOPICS.hub_status)),
+             30, "the hub to come online")  # fmt: skip
+    watcher.stop()
+    try:
+        yield service
+    finally:
+        service.stop_event.set()
+        thread.join(30)
+
+
+def good_contribution(hub: HubService, site_id: str, seed: int = 0) -> Contribution:
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(40, hub.foundation.dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return make_contribution(site_id, hub.foundation.encoder_id, emb, [str(i % 2) for i in range(40)], k=2)
+
+
+def test_ten_kinds_of_bad_payload_are_rejected_with_a_reason(hub: HubService, mosquitto: BrokerSettings) -> None:
+    watcher = Watcher(mosquitto, [TOPICS.all_sites("errors")])
+    first = good_contribution(hub, "site-a")
+    watcher.publish(TOPICS.site("site-a", "embeddings"), first.to_json_bytes())
+    wait_for(lambda: len(hub.ledger.contribution_ids()) == 1, 10, "the good contribution")
+
+    good = json.loads(good_contribution(hub, "site-a", seed=1).to_json_bytes())
+    label = good["labels"][0]
+
+    def variant(**changes) -> bytes:
+        d = json.loads(json.dumps(good))
+        for k, v in changes.items():
+            d[k] = v
+        return json.dumps(d).encode()
+
+    def with_vectors(dtype: str, arr: np.ndarray) -> bytes:
+        lab = {
+            **label,
+            "vectors": {"dtype": dtype, "shape": list(arr.shape), "data": base64.b64encode(arr.tobytes()).decode()},
+        }
+        return variant(labels=[lab])
+
+    nan = np.full((2, hub.foundation.dim), np.nan, "<f4")
+    missing = json.loads(json.dumps(good))
+    del missing["k"]
+    cases = {
+        "not_json": b"\xffthis is not json{",
+        "schema_version": variant(schema_version=2),
+        "invalid": json.dumps(missing).encode(),
+        "non_finite": with_vectors("float32", nan),
+        "dimension": with_vectors("float32", np.ones((2, hub.foundation.dim // 2), "<f4")),
+        "dtype": with_vectors("float64", np.ones((2, hub.foundation.dim), "<f8")),
+        "unknown_encoder": variant(encoder_id="resnet18-0000"),
+        "oversize": variant(contribution_id="ab" * 16, encoder_id="x" * 100, note="y" * 300_000),
+        "site_mismatch": variant(site_id="site-b"),
+        "duplicate_id": variant(contribution_id=first.contribution_id),
+    }
+    for payload in cases.values():
+        watcher.publish(TOPICS.site("site-a", "embeddings"), payload)
+    wait_for(lambda: len(watcher.on(TOPICS.site("site-a", "errors"))) == len(cases), 15, "ten error reports")
+    reports = [ErrorReport.model_validate_json(p) for p in watcher.on(TOPICS.site("site-a", "errors"))]
+    assert [r.code for r in reports] == list(cases)
+    for r in reports:
+        assert r.site_id == "site-a" and r.reason and r.payload_bytes > 0
+        assert hub.metrics.registry.get_sample_value("fedge_hub_rejections_total", {"code": r.code}) == 1
+    by_code = {r.code: r for r in reports}
+    assert "k" in by_code["invalid"].reason
+    assert by_code["duplicate_id"].ref_id == first.contribution_id
+    assert (
+        hub.metrics.registry.get_sample_value("fedge_hub_messages_total", {"kind": "embeddings", "result": "rejected"})
+        == 10
+    )
+    assert len(hub.ledger.rejections()) == 10
+    # Nothing half-applied, and the hub keeps serving: the next good payload is ingested.
+    assert hub.ledger.contribution_ids() == [first.contribution_id]
+    nxt = good_contribution(hub, "site-c", seed=2)
+    watcher.publish(TOPICS.site("site-c", "embeddings"), nxt.to_json_bytes())
+    wait_for(lambda: nxt.contribution_id in hub.ledger.contribution_ids(), 10, "a good contribution after the bad ones")
+    # A plain redelivery of the same payload is harmless: not an error, not a second contribution.
+    watcher.publish(TOPICS.site("site-c", "embeddings"), nxt.to_json_bytes())
+    wait_for(lambda: hub.metrics.registry.get_sample_value("fedge_hub_messages_total", {"kind": "embeddings", "result": "duplicate"}) == 1,
+             10, "the redelivery to be counted")  # fmt: skip
+    assert len(hub.ledger.contribution_ids()) == 2
+    assert not watcher.on(TOPICS.site("site-c", "errors"))
+    watcher.stop()
+
+
+def start_edge(site_id: str, data_dir: Path, state_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "FEDGE_EDGE_SITE_ID": site_id,
+        "FEDGE_EDGE_DATA_DIR": str(data_dir),
+        "FEDGE_EDGE_STATE_DIR": str(state_dir),
+        "FEDGE_EDGE_BROKER__PORT": str(port),
+        "FEDGE_EDGE_METRICS_PORT": "0",
+        "FEDGE_EDGE_SCAN_INTERVAL_S": "0.5",
+        "FEDGE_EDGE_SETTLE_S": "0",
+    }
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge.cli", "run"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def outbox_depth(state_dir: Path) -> int:
+    db = state_dir / "edge.sqlite"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
+def test_killing_an_edge_mid_round_loses_and_duplicates_nothing(
+    hub: HubService, mosquitto: BrokerSettings, tmp_path: Path
+) -> None:
+    data = datasets.load("digits")
+    sites = ["site-1", "site-2", "site-3"]
+    for i, s in enumerate(sites):
+        datasets.write_folder(tmp_path / s / "data", data, np.arange(i * 150, (i + 1) * 150))
+    d = {s: (tmp_path / s / "data", tmp_path / s / "state", tmp_path / f"{s}.log") for s in sites}
+    procs = {}
+    try:
+        for s in sites[:2]:
+            procs[s] = start_edge(s, *d[s][:2], mosquitto.port, d[s][2])
+        wait_for(lambda: len(hub.ledger.contribution_ids()) == 2, 60, "two contributions")
+
+        # site-3 cannot reach the broker: its contribution waits in the outbox; then it is killed.
+        procs["site-3"] = start_edge("site-3", *d["site-3"][:2], free_port(), d["site-3"][2])
+        wait_for(lambda: outbox_depth(d["site-3"][1]) == 1, 60, "site-3's contribution in its outbox")
+        procs["site-3"].send_signal(signal.SIGKILL)
+        procs["site-3"].wait()
+        # site-1, already contributed, is killed and restarted: it must not contribute again.
+        procs["site-1"].send_signal(signal.SIGKILL)
+        procs["site-1"].wait()
+        procs["site-1"] = start_edge("site-1", *d["site-1"][:2], mosquitto.port, d["site-1"][2])
+        # site-3 comes back with the broker in reach: the outbox delivers, the round starts.
+        procs["site-3"] = start_edge("site-3", *d["site-3"][:2], mosquitto.port, d["site-3"][2])
+        wait_for(lambda: any(r.state in ("running", "done") for r in hub.ledger.rounds()), 60, "the round to start")
+        # site-2 is killed in the middle of the round and restarted.
+        procs["site-2"].send_signal(signal.SIGKILL)
+        procs["site-2"].wait()
+        procs["site-2"] = start_edge("site-2", *d["site-2"][:2], mosquitto.port, d["site-2"][2])
+
+        def delivered() -> bool:
+            evals = {e["site_id"] for e in hub.ledger.evaluations(1)}
+            return evals == set(sites) and all(ModelStore(d[s][1] / "models").versions() == [1] for s in sites)
+
+        wait_for(delivered, 120, "every site to install model v1 and report on it")
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            p.wait(20)
+    for s in sites:
+        assert len(hub.ledger.contribution_ids(s)) == 1, f"{s} contributed more than once"
+    assert hub.ledger.counts_by_state() == {"active": 3, "superseded": 0}
+    assert [r.state for r in hub.ledger.rounds()] == ["done"]
+    assert sorted(hub.ledger.rounds()[0].contributions) == sorted(c.contribution_id for c in hub.ledger.active())
+    sha = hub.registry.latest().sha256
+    for s in sites:
+        path, manifest = ModelStore(d[s][1] / "models").current()
+        assert manifest.sha256 == sha == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert outbox_depth(d[s][1]) == 0
