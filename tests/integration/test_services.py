@@ -256,3 +256,53 @@ def test_killing_an_edge_mid_round_loses_and_duplicates_nothing(
         path, manifest = ModelStore(d[s][1] / "models").current()
         assert manifest.sha256 == sha == hashlib.sha256(path.read_bytes()).hexdigest()
         assert outbox_depth(d[s][1]) == 0
+
+
+def test_round_start_command_runs_a_round_below_the_site_minimum(
+    hub: HubService, mosquitto: BrokerSettings, tmp_path: Path
+) -> None:
+    watcher = Watcher(mosquitto, [TOPICS.hub_model])
+    c = good_contribution(hub, "site-a")
+    watcher.publish(TOPICS.site("site-a", "embeddings"), c.to_json_bytes())
+    wait_for(lambda: len(hub.ledger.contribution_ids()) == 1, 10, "the contribution")
+    time.sleep(1.0)
+    assert hub.ledger.rounds() == []  # one site of the three the policy waits for
+    conf = tmp_path / "hub.yaml"
+    conf.write_text(json.dumps({"state_dir": str(hub.settings.state_dir)}))
+    out = subprocess.run([sys.executable, "-m", "hub.cli", "round", "start", "--config", str(conf)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: bool(watcher.on(TOPICS.hub_model)), 60, "the model manifest")
+    assert [(r.trigger, r.state, r.contributions) for r in hub.ledger.rounds()] == [
+        ("manual", "done", [c.contribution_id])
+    ]
+    watcher.stop()
+
+
+def test_two_hub_workers_split_the_load_through_a_shared_subscription(
+    mosquitto: BrokerSettings, tmp_path: Path
+) -> None:
+    workers, threads = [], []
+    for name in ("w1", "w2"):
+        s = HubSettings(hub_id=name, state_dir=tmp_path / "hub", broker=mosquitto, metrics_port=None,
+                        rounds={"min_sites": 1000})  # fmt: skip
+        workers.append(HubService(s))
+        threads.append(threading.Thread(target=workers[-1].run))
+        threads[-1].start()
+    try:
+        wait_for(lambda: all(w.bus.connected for w in workers), 20, "both workers")
+        time.sleep(0.5)
+        watcher = Watcher(mosquitto, [])
+        sent = [good_contribution(workers[0], f"site-{i}", seed=i) for i in range(20)]
+        for c in sent:
+            watcher.publish(TOPICS.site(c.site_id, "embeddings"), c.to_json_bytes())
+        wait_for(lambda: len(workers[0].ledger.contribution_ids()) == 20, 20, "all twenty contributions")
+        watcher.stop()
+        accepted = [w.metrics.registry.get_sample_value("fedge_hub_messages_total", {"kind": "embeddings", "result": "accepted"})
+                    for w in workers]  # fmt: skip
+        assert sum(accepted) == 20 and min(accepted) > 0  # each message went to exactly one worker
+        assert sorted(workers[0].ledger.contribution_ids()) == sorted(c.contribution_id for c in sent)
+    finally:
+        for w, t in zip(workers, threads, strict=True):
+            w.stop_event.set()
+            t.join(30)
