@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,21 +181,39 @@ class Services:
                 p.wait()
 
 
-def run_demo(
-    workdir: Path, n_sites: int = 3, alpha: float = 0.3, k: int = 4, seed: int = 0, timeout_s: float = 300,
-    keep_running: bool = False, broker: str = "auto", log=print,
-) -> dict:  # fmt: skip
-    """Run the demo in `workdir` (wiped first) and return its figures."""
-    shutil.rmtree(workdir, ignore_errors=True)
-    (workdir / "logs").mkdir(parents=True)
-    workdir = workdir.resolve()
+def demo_split(n_sites: int, alpha: float, seed: int):
+    """The digits data, its split (the bundled model's), and the private part spread over sites."""
     ds = bundled.manifest("digits")["dataset"]
     data = datasets.load("digits")
     sp = datasets.split(len(data.labels), ds["split_seed"], ds["public_frac"], ds["test_frac"])
-    parts = datasets.dirichlet_sites(data.labels, sp.private, n_sites, alpha, seed=seed)
+    return data, sp, datasets.dirichlet_sites(data.labels, sp.private, n_sites, alpha, seed=seed)
+
+
+def write_site_data(root: Path, n_sites: int, alpha: float, seed: int, data=None, parts=None) -> list[str]:
+    """Write `<root>/site-N/data` for each demo site (the local data layout); the site ids."""
+    if data is None or parts is None:
+        data, _, parts = demo_split(n_sites, alpha, seed)
     sites = [f"site-{i + 1}" for i in range(n_sites)]
     for site_id, part in zip(sites, parts, strict=True):
-        datasets.write_folder(workdir / site_id / "data", data, np.sort(part))
+        datasets.write_folder(Path(root) / site_id / "data", data, np.sort(part))
+    return sites
+
+
+def run_demo(
+    workdir: Path, n_sites: int = 3, alpha: float = 0.3, k: int = 4, seed: int = 0, timeout_s: float = 300,
+    keep_running: bool = False, broker: str = "auto", ports: dict[str, int] | None = None,
+    while_running: Callable[[dict], None] | None = None, log=print,
+) -> dict:  # fmt: skip
+    """Run the demo in `workdir` (wiped first) and return its figures.
+
+    `ports` fixes the /metrics ports ("hub", "site-1", ...); `while_running(result)` is called before
+    the services are stopped (tests scrape them then).
+    """
+    shutil.rmtree(workdir, ignore_errors=True)
+    (workdir / "logs").mkdir(parents=True)
+    workdir = workdir.resolve()
+    data, sp, parts = demo_split(n_sites, alpha, seed)
+    sites = write_site_data(workdir, n_sites, alpha, seed, data, parts)
 
     broker = Broker(workdir, log, broker)
     services = Services()
@@ -206,7 +225,7 @@ def run_demo(
         watch.start()
         if not watch.wait_connected(10):
             raise RuntimeError("could not connect to the broker")
-        ports = {"hub": free_port(), **{s: free_port() for s in sites}}
+        ports = ports or {"hub": free_port(), **{s: free_port() for s in sites}}
         b = broker.settings().model_dump(exclude_none=True)
         hub_conf = {"state_dir": str(workdir / "hub"), "broker": b, "metrics_host": "127.0.0.1", "metrics_port": ports["hub"],
                     "rounds": {"min_sites": n_sites}, "synthesis": {"seed": seed}}  # fmt: skip
@@ -249,6 +268,7 @@ def run_demo(
                         f"{time.monotonic() - t0:6.1f} s  {s}: model v{v} verified, {e.accuracy:.1%} on {e.samples} held-out samples"
                     )
         elapsed = time.monotonic() - t0
+        services.check()  # a service that died after doing its part still fails the demo
         m = observer.manifest
         assert m is not None
         model_path = workdir / "hub" / "models" / f"v{m.version:04d}" / "model.onnx"
@@ -273,6 +293,8 @@ def run_demo(
             "broker": broker.kind,
             "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()},
         }
+        if while_running is not None:
+            while_running(result)
         if keep_running:
             print_table(result)
             log("services keep running; Ctrl-C stops them")
@@ -310,6 +332,24 @@ def print_table(result: dict) -> None:
     print("metrics endpoints (up while the services run; `fedge-hub demo --keep-running` keeps them):")
     for name, url in result["metrics"].items():
         print(f"  {name:<7} {url}")
+
+
+def data_main(argv: list[str] | None = None) -> int:
+    """Entry for `fedge-hub demo-data DIR`: the demo sites' data folders, for deploy/compose.yml."""
+    ap = argparse.ArgumentParser(prog="fedge-hub demo-data", description=data_main.__doc__)
+    ap.add_argument("out", type=Path, help="writes OUT/site-1 ... OUT/site-N (each the local data layout)")
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--alpha", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    tmp = args.out / ".tmp"
+    sites = write_site_data(tmp, args.sites, args.alpha, args.seed)
+    for s in sites:
+        shutil.rmtree(args.out / s, ignore_errors=True)
+        (tmp / s / "data").rename(args.out / s)
+    shutil.rmtree(tmp)
+    print(f"wrote {', '.join(str(args.out / s) for s in sites)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,10 @@ class HubMetrics:
         self.training = Histogram(
             "fedge_hub_training_seconds", "Training time per round.", buckets=WORK_BUCKETS, registry=r
         )
+        self.round_seconds = Histogram(
+            "fedge_hub_round_seconds", "From the start of a round to its model delivered to the broker.",
+            buckets=WORK_BUCKETS, registry=r,
+        )  # fmt: skip
         self.rounds = Counter("fedge_hub_rounds", "Rounds finished, by result.", ["result"], registry=r)
         self.model_version = Gauge("fedge_hub_model_version", "Version of the published global model.", registry=r)
         self.connected = Gauge("fedge_hub_broker_connected", "1 while connected to the broker.", registry=r)

@@ -206,6 +206,7 @@ class HubService:
             self.metrics.rounds.labels("failed").inc()
             return None
         self._publish_status("training")
+        started = time.perf_counter()
         log.info(
             "round %d: %d contributions from %d sites", round_id, len(ids), len({c.site_id for c in contributions})
         )
@@ -228,6 +229,7 @@ class HubService:
         log.info("round %d: model v%d (%d synthetic samples, %.1f s + %.1f s)", round_id, version.version,
                  len(result.synthetic.labels), result.synthesis_s, result.training_s)  # fmt: skip
         self.deliver(version)
+        self.metrics.round_seconds.observe(time.perf_counter() - started)
         self._publish_status("online")
         return version
 

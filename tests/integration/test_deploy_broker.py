@@ -1,0 +1,120 @@
+"""The shipped Mosquitto config (deploy/mosquitto) in a real Mosquitto: logins, the ACL, and queue limits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from hub.demo import free_port, wait_port
+from tests.integration.conftest import mosquitto_exe
+
+DEPLOY = Path(__file__).parents[2] / "deploy" / "mosquitto"
+USERS = {"hub": "hub-secret", "site-a": "a-secret", "site-b": "b-secret"}
+
+
+@pytest.fixture
+def deployed(tmp_path: Path) -> Iterator[int]:
+    """The deploy config verbatim, except where files live and the port (loopback, free)."""
+    port = free_port()
+    passwd = tmp_path / "passwd"
+    passwd.touch()
+    for user, pw in USERS.items():
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, pw], check=True)
+    passwd.chmod(0o600)
+    conf = (DEPLOY / "mosquitto.conf").read_text()
+    conf = conf.replace("/run/secrets/mosquitto_passwd", str(passwd))
+    conf = conf.replace("/mosquitto/config/acl", str(DEPLOY / "acl"))
+    conf = conf.replace("/mosquitto/data/", f"{tmp_path}/")
+    conf = conf.replace("\nlistener 1883\n", f"\nlistener {port} 127.0.0.1\n")
+    assert f"listener {port} 127.0.0.1" in conf
+    if os.geteuid() == 0:  # as root, Mosquitto drops to user "mosquitto", who cannot read pytest's private tmp
+        conf += "user root\n"
+    (tmp_path / "mosquitto.conf").write_text(conf)
+    proc = subprocess.Popen([mosquitto_exe(), "-c", str(tmp_path / "mosquitto.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_port(port, 10)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def client(port: int, user: str, client_id: str, clean: bool = True) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.username_pw_set(user, USERS[user])
+    c.max_inflight_messages_set(20)
+    c.max_queued_messages_set(0)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0 if clean else 3600
+    done = threading.Event()
+    c.on_connect = lambda *a: done.set()
+    c.connect("127.0.0.1", port, clean_start=clean, properties=props)
+    c.loop_start()
+    assert done.wait(5)
+    return c
+
+
+def test_a_site_is_refused_on_another_site_s_topic(deployed: int) -> None:
+    got: list[str] = []
+    hub = client(deployed, "hub", "fedge-hub-hub")
+    hub.on_message = lambda c, u, m: got.append(m.topic)
+    hub.subscribe("$share/fedge-hub/fedge/v1/site/+/embeddings", qos=1)
+    time.sleep(0.3)
+    site = client(deployed, "site-a", "fedge-edge-site-a")
+    results: dict[int, int] = {}
+    site.on_publish = lambda c, u, mid, rc, props: results.__setitem__(mid, rc.value)
+    own = site.publish("fedge/v1/site/site-a/embeddings", b"{}", qos=1)
+    other = site.publish("fedge/v1/site/site-b/embeddings", b"{}", qos=1)
+    hub_topic = site.publish("fedge/v1/hub/model", b"{}", qos=1)
+    own.wait_for_publish(5), other.wait_for_publish(5), hub_topic.wait_for_publish(5)
+    time.sleep(0.5)
+    assert got == ["fedge/v1/site/site-a/embeddings"]
+    assert results[own.mid] == 0
+    assert results[other.mid] == 135 and results[hub_topic.mid] == 135  # v5 "Not authorized"
+    bad = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="intruder", protocol=mqtt.MQTTv5)
+    bad.username_pw_set("site-a", "wrong password")
+    codes: list[int] = []
+    bad.on_connect = lambda c, u, f, rc, p: codes.append(rc.value)
+    bad.connect("127.0.0.1", deployed)
+    bad.loop_start()
+    time.sleep(0.5)
+    bad.loop_stop()
+    assert codes and codes[0] != 0
+    for c in (hub, site):
+        c.loop_stop()
+        c.disconnect()
+
+
+def test_a_burst_of_5000_qos1_messages_reaches_a_slow_subscriber_whole(deployed: int) -> None:
+    got: list[int] = []
+
+    def slow(c, u, m) -> None:
+        time.sleep(0.0005)
+        got.append(int(m.payload))
+
+    hub = client(deployed, "hub", "fedge-hub-hub", clean=False)
+    hub.on_message = slow
+    hub.subscribe("fedge/v1/site/+/eval", qos=1)
+    time.sleep(0.3)
+    site = client(deployed, "site-a", "fedge-edge-site-a")
+    infos = [site.publish("fedge/v1/site/site-a/eval", str(i).encode(), qos=1) for i in range(5000)]
+    for info in infos:
+        info.wait_for_publish(30)
+    deadline = time.monotonic() + 60
+    while len(got) < 5000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(got) == list(range(5000))
+    for c in (hub, site):
+        c.loop_stop()
+        c.disconnect()

@@ -1,0 +1,124 @@
+"""Metrics on both services, scraped over HTTP, linted by promtool, and queried by a real Prometheus."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hub.demo import free_port, run_demo, wait_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "fedge-overview.json"
+SITES = ["site-1", "site-2", "site-3"]
+
+
+def tool(name: str) -> str:
+    """A binary from the OS's prometheus package; `.ci/run` installs it, so its absence is an error."""
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed; `bash .ci/run` installs it (apt-get install prometheus)")
+    return path
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query in the dashboard."""
+    dash = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def test_dashboard_uses_the_provisioned_datasource_and_only_fedge_metrics() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    ds = (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
+    assert "uid: fedge-prometheus" in ds
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            assert t["datasource"]["uid"] == "fedge-prometheus"
+            assert "fedge_" in t["expr"]
+    assert any(p["type"] == "row" and "Forget" in p["title"] for p in dash["panels"])
+
+
+def test_metrics_scraped_linted_and_every_dashboard_query_returns_data(tmp_path: Path) -> None:
+    ports = {"hub": free_port(), **{s: free_port() for s in SITES}}
+    prom_port = free_port()
+    edges = [{"targets": [f"127.0.0.1:{ports[s]}"], "labels": {"site": s}} for s in SITES]
+    conf = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {"job_name": "fedge-hub", "static_configs": [{"targets": [f"127.0.0.1:{ports['hub']}"]}]},
+            {"job_name": "fedge-edge", "static_configs": edges},
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(json.dumps(conf))
+    prom = subprocess.Popen(
+        [tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    scraped: dict[str, dict] = {}
+    answers: dict[str, list] = {}
+
+    def check(result: dict) -> None:
+        # Both services over real HTTP: parse, lint with promtool, health.
+        for name, port in ports.items():
+            status, body = get(f"http://127.0.0.1:{port}/metrics")
+            assert status == 200
+            text = body.decode()
+            scraped[name] = {
+                s.name + json.dumps(s.labels, sort_keys=True): s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+            }
+            lint = subprocess.run([tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
+            assert lint.returncode == 0, f"{name}: {lint.stdout}{lint.stderr}"
+            status, body = get(f"http://127.0.0.1:{port}/healthz")
+            assert status == 200 and json.loads(body)["ok"] is True
+        # Prometheus has scraped them through the round; every dashboard query must return data.
+        api = f"http://127.0.0.1:{prom_port}/api/v1/query?query="
+        for title, expr in dashboard_queries():
+            deadline = time.monotonic() + 30
+            while True:
+                status, body = get(api + urllib.parse.quote(expr))
+                data = json.loads(body)
+                assert status == 200 and data["status"] == "success", f"{title}: {expr}: {data}"
+                if data["data"]["result"] or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            answers[expr] = data["data"]["result"]
+
+    try:
+        wait_port(prom_port, 30)
+        run_demo(tmp_path / "demo", ports=ports, while_running=check, log=lambda s: None)
+    finally:
+        prom.terminate()
+        prom.wait(20)
+
+    empty = [expr for expr, result in answers.items() if not result]
+    assert not empty, f"dashboard queries without data: {empty}"
+    hub = scraped["hub"]
+    assert hub["fedge_hub_model_version{}"] == 1
+    assert hub['fedge_hub_contributions{"state": "active"}'] == 3
+    assert hub['fedge_hub_messages_total{"kind": "embeddings", "result": "accepted"}'] == 3
+    assert hub["fedge_hub_fedavg_round_bytes{}"] > 0
+    for s in SITES:
+        edge = scraped[s]
+        assert edge["fedge_edge_model_version{}"] == 1
+        assert 0 < edge['fedge_edge_sent_bytes_total{"kind": "embeddings"}'] < 20_000
+        assert edge['fedge_edge_received_bytes_total{"kind": "model"}'] > 200_000
+        assert edge["fedge_edge_broker_connected{}"] == 1
