@@ -1,7 +1,9 @@
 """The local data layout sites bring: `<data_dir>/<label>/<sample_id>.<png|jpg|npy>` + optional metadata.csv.
 
-`metadata.csv` has columns `sample_id,label,timestamp` (ISO 8601); where it gives a timestamp the
-sample gets it, otherwise the file's modification time. Numpy only; Pillow is imported for images.
+`metadata.csv` has columns `sample_id,label,timestamp` (ISO 8601) and optionally `caption`; where it
+gives a timestamp the sample gets it, otherwise the file's modification time. Captions are what a
+site sends, encoded, to a text-conditioned foundation model (Stable Diffusion) instead of a
+class-name prompt. Numpy only; Pillow is imported for images.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class LocalSample:
     label: str
     path: Path
     timestamp: datetime
+    caption: str | None = None
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -45,6 +48,7 @@ def scan(data_dir: Path) -> list[LocalSample]:
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
     stamps: dict[str, datetime] = {}
+    captions: dict[str, str] = {}
     meta = data_dir / "metadata.csv"
     if meta.is_file():
         with open(meta, newline="") as fh:
@@ -52,12 +56,14 @@ def scan(data_dir: Path) -> list[LocalSample]:
                 if row.get("timestamp"):
                     ts = datetime.fromisoformat(row["timestamp"])
                     stamps[row["sample_id"]] = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+                if row.get("caption"):
+                    captions[row["sample_id"]] = row["caption"].strip()
     out = []
     for label_dir in sorted(p for p in data_dir.iterdir() if p.is_dir()):
         for f in sorted(label_dir.iterdir()):
             if f.is_file() and f.suffix.lower() in SUFFIXES:
                 ts = stamps.get(f.stem) or datetime.fromtimestamp(f.stat().st_mtime, UTC)
-                out.append(LocalSample(f.stem, label_dir.name, f, ts))
+                out.append(LocalSample(f.stem, label_dir.name, f, ts, captions.get(f.stem)))
     return out
 
 

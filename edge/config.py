@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.payloads import SiteId
@@ -22,6 +22,14 @@ class EdgeSettings(BaseSettings):
     state_dir: Path = Field(default=Path("var/edge"), description="Sample index, outbox and delivered models.")
     bundle: str = Field(
         default="digits", description="Bundled foundation model name or bundle directory (its encoder)."
+    )
+    text_encoder_dir: Path | None = Field(
+        default=None,
+        description="Exported CLIP text encoder (fedge-hub export-encoders) for a Stable Diffusion hub; "
+        "when set, the site sends prompt embeddings of captions or class names instead of image embeddings.",
+    )
+    prompt_template: str = Field(
+        default="a photo of a {label}", description="Class-name prompt for samples without a caption in metadata.csv."
     )
     k: int = Field(default=4, ge=1, le=256, description="Prototypes per label (1 = class level).")
     min_group_size: int = Field(default=5, ge=1, description="Fewest samples one prototype may average.")
@@ -42,3 +50,13 @@ class EdgeSettings(BaseSettings):
     metrics_port: int | None = Field(
         default=9401, ge=0, le=65535, description="Port of /metrics and /healthz (0: any free port; null: off)."
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> EdgeSettings:
+        if "{label}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {label}")
+        if self.text_encoder_dir is not None and not (self.text_encoder_dir / "manifest.json").is_file():
+            raise ValueError(
+                f"text_encoder_dir {self.text_encoder_dir} has no manifest.json (run fedge-hub export-encoders)"
+            )
+        return self

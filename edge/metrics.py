@@ -27,6 +27,9 @@ class EdgeMetrics:
         self.unreadable_samples = Counter(
             "fedge_edge_unreadable_samples", "Local files that could not be read or had the wrong size.", registry=r
         )
+        self.scan_failures = Counter(
+            "fedge_edge_scan_failures", "Scans or contributions that failed unexpectedly (see the log).", registry=r
+        )
         self.contributions = Counter("fedge_edge_contributions", "Contributions queued for publishing.", registry=r)
         self.hub_errors = Counter(
             "fedge_edge_hub_errors", "Rejections the hub reported for this site, by code.", ["code"], registry=r

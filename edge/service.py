@@ -36,6 +36,7 @@ from edge.encoder import EncoderChoice, choose_encoder
 from edge.metrics import EdgeMetrics
 from edge.models import ChunkAssembler, GlobalModel, ModelRejected, ModelStore
 from edge.store import EdgeStore, IndexedSample
+from edge.text_encoder import OnnxTextEncoder, prompt_for
 from runtime.mqtt import Bus, NotConnected
 
 log = logging.getLogger("fedge.edge")
@@ -54,6 +55,7 @@ class EdgeService:
         manifest = json.loads((self.bundle / "manifest.json").read_text())
         self.image_size = int(manifest["image_size"])
         self.encoder: EncoderChoice | None = None
+        self.text_encoder = OnnxTextEncoder(s.text_encoder_dir, s.prefer_cuda) if s.text_encoder_dir else None
         self.stop_event = threading.Event()
         self._jobs: queue.Queue[tuple[str, object]] = queue.Queue()
         self._outbox_wake = threading.Event()
@@ -88,10 +90,14 @@ class EdgeService:
         """The site's status message."""
         current = self.models.current()
         enc = self.encoder
+        if self.text_encoder is not None:
+            enc = self.text_encoder
         return SiteStatus(
             site_id=self.settings.site_id,
             state=state,
-            encoder=EncoderStatus(encoder_id=enc.encoder_id, variant=enc.variant, provider=enc.provider)
+            encoder=EncoderStatus(
+                encoder_id=enc.encoder_id, variant=getattr(enc, "variant", "clip-text"), provider=enc.provider
+            )
             if enc
             else None,
             samples=len(self.store.samples()),
@@ -231,8 +237,9 @@ class EdgeService:
                 self._status_dirty.set()
 
     # --- main loop work ---
-    def _read(self, samples: list[IndexedSample]) -> tuple[list[IndexedSample], np.ndarray]:
-        """Images of `samples` that can be read and have the encoder's size; others are logged once and skipped."""
+    def _read(self, samples: list[IndexedSample], size: int | None = None) -> tuple[list[IndexedSample], np.ndarray]:
+        """Images of `samples` that can be read and have `size` (default: the encoder's); others are logged once and skipped."""
+        size = size or self.image_size
         ok, images = [], []
         for smp in samples:
             key = (smp.sample_id, smp.sha256)
@@ -240,10 +247,8 @@ class EdgeService:
                 continue
             try:
                 im = read_image(smp.path)
-                if im.shape != (self.image_size, self.image_size):
-                    raise ValueError(
-                        f"image is {im.shape[0]}x{im.shape[1]}, the encoder expects {self.image_size}x{self.image_size}"
-                    )
+                if im.shape != (size, size):
+                    raise ValueError(f"image is {im.shape[0]}x{im.shape[1]}, {size}x{size} expected")
             except (OSError, ValueError) as err:
                 self._bad_files.add(key)
                 self.metrics.unreadable_samples.inc()
@@ -251,7 +256,7 @@ class EdgeService:
                 continue
             ok.append(smp)
             images.append(im)
-        arr = np.stack(images)[:, None] if images else np.zeros((0, 1, self.image_size, self.image_size), np.float32)
+        arr = np.stack(images)[:, None] if images else np.zeros((0, 1, size, size), np.float32)
         return ok, arr
 
     def sync(self) -> bool:
@@ -264,7 +269,7 @@ class EdgeService:
             self.metrics.samples.labels("train").set(len(self.store.samples(holdout=False)))
             self.metrics.samples.labels("holdout").set(len(self.store.samples(holdout=True)))
             self._status_dirty.set()
-        missing = self.store.missing_embeddings()
+        missing = self.store.missing_embeddings() if self.text_encoder is None else []
         if missing:
             ok, images = self._read(missing)
             if len(ok):
@@ -287,17 +292,29 @@ class EdgeService:
         s = self.settings
         if time.monotonic() - self._last_change < s.settle_s:
             return None
-        if any((m.sample_id, m.sha256) not in self._bad_files for m in self.store.missing_embeddings()):
-            return None  # encoding still to do
-        ids, labels, emb, fp = self.store.training_set()
-        encoder_id = (
-            self.encoder.encoder_id
-            if self.encoder
-            else json.loads((self.bundle / "manifest.json").read_text())["encoder_id"]
-        )
+        if self.text_encoder is not None:
+            # Stable Diffusion hub: prompt embeddings of captions (or class-name prompts); no image is read.
+            ids, labels, captions, fp = self.store.training_captions()
+            encoder_id = self.text_encoder.encoder_id
+            fp = f"{fp}|{s.prompt_template}"
+        else:
+            if any((m.sample_id, m.sha256) not in self._bad_files for m in self.store.missing_embeddings()):
+                return None  # encoding still to do
+            ids, labels, emb, fp = self.store.training_set()
+            encoder_id = (
+                self.encoder.encoder_id
+                if self.encoder
+                else json.loads((self.bundle / "manifest.json").read_text())["encoder_id"]
+            )
         fingerprint = hashlib.sha256(f"{fp}|{encoder_id}|{s.k}|{s.min_group_size}".encode()).hexdigest()
         if fingerprint == self.store.get("contributed_fingerprint"):
             return None
+        if self.text_encoder is not None:
+            t = time.perf_counter()
+            emb = self.text_encoder.encode(
+                [prompt_for(lab, cap, s.prompt_template) for lab, cap in zip(labels, captions, strict=True)]
+            )
+            self.metrics.encode_seconds.observe(time.perf_counter() - t)
         previous = self.store.get("contribution_id")
         if not ids and previous is None:
             return None
@@ -345,7 +362,7 @@ class EdgeService:
         if current is None or self.store.get("evaluated_version") == str(current[1].version):
             return None
         path, manifest = current
-        samples, images = self._read(self.store.samples(holdout=True))
+        samples, images = self._read(self.store.samples(holdout=True), manifest.input_shape[-1])
         acc = GlobalModel.from_manifest(path, manifest).accuracy(images, [x.label for x in samples])
         e = Evaluation(
             site_id=self.settings.site_id, model_version=manifest.version, samples=len(samples), accuracy=acc
@@ -385,6 +402,9 @@ class EdgeService:
                         self.maybe_contribute()
                     except FileNotFoundError as err:
                         log.error("%s", err)
+                    except Exception:  # one bad scan must not stop the site; logged with its traceback, retried
+                        self.metrics.scan_failures.inc()
+                        log.exception("scan or contribution failed; retrying in %.0f s", s.scan_interval_s)
                     next_scan = now + s.scan_interval_s
                 try:
                     kind, job = self._jobs.get(timeout=0.2)

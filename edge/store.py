@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS samples (
     sha256 TEXT NOT NULL,
     timestamp TEXT NOT NULL,
     holdout INTEGER NOT NULL,
+    caption TEXT,
     embedding BLOB
 );
 CREATE TABLE IF NOT EXISTS outbox (
@@ -130,7 +131,8 @@ class EdgeStore:
         added, changed, removed = [], [], []
         with self._lock:
             known = {
-                r[0]: r[1:] for r in self._db.execute("SELECT sample_id, label, path, size, mtime_ns FROM samples")
+                r[0]: r[1:]
+                for r in self._db.execute("SELECT sample_id, label, path, size, mtime_ns, caption FROM samples")
             }
             seen: set[str] = set()
             rows = []
@@ -143,7 +145,7 @@ class EdgeStore:
                 seen.add(s.sample_id)
                 st = s.path.stat()
                 prev = known.get(s.sample_id)
-                if prev is not None and prev == (s.label, str(s.path), st.st_size, st.st_mtime_ns):
+                if prev is not None and prev == (s.label, str(s.path), st.st_size, st.st_mtime_ns, s.caption):
                     continue
                 sha = hashlib.sha256(s.path.read_bytes()).hexdigest()
                 rows.append((s, st, sha))
@@ -154,11 +156,11 @@ class EdgeStore:
             with transaction(self._db, self._lock):
                 for s, st, sha in rows:
                     self._db.execute(
-                        "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (sample_id) DO UPDATE SET "
+                        "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (sample_id) DO UPDATE SET "
                         "label = excluded.label, path = excluded.path, size = excluded.size, mtime_ns = excluded.mtime_ns, "
-                        "sha256 = excluded.sha256, timestamp = excluded.timestamp, embedding = NULL",
-                        (s.sample_id, s.label, str(s.path), st.st_size, st.st_mtime_ns, sha,
-                         s.timestamp.astimezone(UTC).isoformat(), int(holdout_of(s.sample_id, holdout_fraction))),
+                        "sha256 = excluded.sha256, timestamp = excluded.timestamp, caption = excluded.caption, embedding = NULL",
+                        (s.sample_id, s.label, str(s.path), st.st_size, st.st_mtime_ns, sha, s.timestamp.astimezone(UTC).isoformat(),
+                         int(holdout_of(s.sample_id, holdout_fraction)), s.caption),
                     )  # fmt: skip
                 self._db.executemany("DELETE FROM samples WHERE sample_id = ?", [(r,) for r in removed])
         return added, changed, removed
@@ -202,6 +204,17 @@ class EdgeStore:
             h.update(f"{sid}\0{label}\0{sha}\n".encode())
         emb = np.stack([np.frombuffer(r[3], "<f4") for r in rows]) if rows else np.zeros((0, 0), np.float32)
         return [r[0] for r in rows], [r[1] for r in rows], emb, h.hexdigest()
+
+    def training_captions(self) -> tuple[list[str], list[str], list[str | None], str]:
+        """(sample ids, labels, captions, fingerprint) of all training samples: the text path needs no image."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sample_id, label, sha256, caption FROM samples WHERE holdout = 0 ORDER BY sample_id"
+            ).fetchall()
+        h = hashlib.sha256()
+        for sid, label, sha, caption in rows:
+            h.update(f"{sid}\0{label}\0{sha}\0{caption or ''}\n".encode())
+        return [r[0] for r in rows], [r[1] for r in rows], [r[3] for r in rows], h.hexdigest()
 
     # --- outbox ---
     def enqueue(self, msg_id: str, kind: str, topic: str, payload: bytes, meta: dict[str, str] | None = None) -> bool:

@@ -99,6 +99,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `fedge-hub`."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export-encoders"]:
+        from hub.foundation.export_encoders import main as export_main
+
+        return export_main(argv[1:])
     if argv[:1] == ["demo-data"]:
         from hub.demo import data_main
 
@@ -120,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     fnd = sub.add_parser("foundation", help="foundation model commands: `fedge-hub foundation train --help`")
     fnd.add_argument("action", choices=["train", "evaluate"])
     sub.add_parser("demo", help="broker, hub and three sites, one round, offline: `fedge-hub demo --help`")
+    sub.add_parser(
+        "export-encoders",
+        help="Stable Diffusion's CLIP encoders to ONNX for the edges: `fedge-hub export-encoders --help`",
+    )
     sub.add_parser("demo-data", help="write the demo sites' data folders: `fedge-hub demo-data --help`")
     tr = sub.add_parser("train", help="run one round from contribution JSON files")
     tr.add_argument("contributions", nargs="+", type=Path)

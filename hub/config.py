@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +43,20 @@ class SynthesisSettings(BaseModel):
     seed: int = Field(default=0, description="Seed of synthesis and training (same seed, same model).")
 
 
+class StableDiffusionSettings(BaseModel):
+    """A Stable Diffusion checkpoint on local disk and its encoders exported for the sites."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_dir: Path = Field(
+        description="Diffusers-layout directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/)."
+    )
+    encoders_dir: Path = Field(
+        description="Output of `fedge-hub export-encoders --model MODEL_DIR --out ENCODERS_DIR`."
+    )
+    image_size: int = Field(default=32, ge=4, le=1024, description="Side of the global classifier's grayscale input.")
+
+
 class HubSettings(BaseSettings):
     """Everything `fedge-hub run` reads."""
 
@@ -49,7 +64,14 @@ class HubSettings(BaseSettings):
 
     hub_id: SiteId = Field(default="hub", description="Name of this hub worker (MQTT client id fedge-hub-<hub_id>).")
     state_dir: Path = Field(default=Path("var/hub"), description="Ledger, model versions and synthesis cache.")
+    backend: Literal["bundled", "stable-diffusion"] = Field(
+        default="bundled",
+        description="Foundation model: the bundled one (default) or Stable Diffusion from local weights.",
+    )
     foundation: str = Field(default="digits", description="Bundled foundation model name or bundle directory.")
+    stable_diffusion: StableDiffusionSettings | None = Field(
+        default=None, description="Needed when backend is stable-diffusion."
+    )
     device: str = Field(default="auto", description="torch device for synthesis and training: auto, cpu or cuda.")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     topic_prefix: str = Field(default=DEFAULT_PREFIX, description="Prefix of every topic.")
@@ -69,4 +91,8 @@ class HubSettings(BaseSettings):
     def _check(self) -> HubSettings:
         if self.device not in {"auto", "cpu", "cuda"} and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.backend == "stable-diffusion" and self.stable_diffusion is None:
+            raise ValueError(
+                "backend stable-diffusion needs stable_diffusion.model_dir and stable_diffusion.encoders_dir"
+            )
         return self

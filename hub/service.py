@@ -51,17 +51,22 @@ class HubService:
         self.ledger = Ledger(s.state_dir / "ledger.sqlite")
         self.registry = ModelRegistry(s.state_dir / "models")
         self.device = resolve_device(s.device)
-        self.foundation = load_foundation(bundled.resolve(s.foundation), device=self.device)
-        self.encoders = {self.foundation.encoder_id: self.foundation.dim}
         syn = s.synthesis
-        self.synthesizer = Synthesizer(
-            self.foundation,
-            SynthesisConfig(
-                samples_per_count=syn.samples_per_count, guidance=syn.guidance, steps=syn.steps, seed=syn.seed
-            ),
-            cache_dir=s.state_dir / "synthesis-cache",
-            progress=False,
+        synth_cfg = SynthesisConfig(
+            samples_per_count=syn.samples_per_count, guidance=syn.guidance, steps=syn.steps, seed=syn.seed
         )
+        cache = s.state_dir / "synthesis-cache"
+        if s.backend == "stable-diffusion":
+            from hub.foundation import stable_diffusion as sd
+
+            assert s.stable_diffusion is not None  # the settings validator guarantees it
+            c = s.stable_diffusion
+            self.foundation = sd.load(c.model_dir, c.encoders_dir, self.device, c.image_size)
+            self.synthesizer = sd.SDSynthesizer(self.foundation, synth_cfg, cache_dir=cache, progress=False)
+        else:
+            self.foundation = load_foundation(bundled.resolve(s.foundation), device=self.device)
+            self.synthesizer = Synthesizer(self.foundation, synth_cfg, cache_dir=cache, progress=False)
+        self.encoders = {self.foundation.encoder_id: self.foundation.dim}
         self.train_config = TrainConfig(epochs=syn.epochs, seed=syn.seed)
         self.metrics.watch_ledger(self.ledger.counts_by_state)
         self.stop_event = threading.Event()

@@ -49,3 +49,13 @@ def test_outbox_keeps_items_until_acknowledged_across_restarts(tmp_path: Path) -
     # A hub that lost its session gets the latest of each kind again; a still-queued one is not doubled.
     assert store.requeue_latest() == ["embeddings"]
     assert [i.msg_id for i in store.pending()] == ["m2", "m1"]
+
+
+def test_a_new_caption_counts_as_a_change(tmp_path: Path) -> None:
+    data, store = tmp_path / "data", EdgeStore(tmp_path / "s.sqlite")
+    write(data, "bad", "p1", 0.5)
+    store.sync(scan(data), 0.0)
+    (data / "metadata.csv").write_text("sample_id,label,timestamp,caption\np1,bad,,scratched part with dent\n")
+    assert store.sync(scan(data), 0.0) == ([], ["p1"], [])
+    assert store.training_captions()[2] == ["scratched part with dent"]
+    assert store.sync(scan(data), 0.0) == ([], [], [])
