@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,10 +24,15 @@ class EdgeSettings(BaseSettings):
     bundle: str = Field(
         default="digits", description="Bundled foundation model name or bundle directory (its encoder)."
     )
-    text_encoder_dir: Path | None = Field(
+    sd_encoders_dir: Path | None = Field(
         default=None,
         description="Exported CLIP text encoder (fedge-hub export-encoders) for a Stable Diffusion hub; "
         "when set, the site sends prompt embeddings of captions or class names instead of image embeddings.",
+    )
+    sd_conditioning: Literal["text", "image"] = Field(
+        default="text",
+        description="text: prompt embeddings of captions or class names; image: CLIP image embeddings of the samples "
+        "(for an unCLIP checkpoint, whose export has an image encoder).",
     )
     prompt_template: str = Field(
         default="a photo of a {label}", description="Class-name prompt for samples without a caption in metadata.csv."
@@ -55,8 +61,8 @@ class EdgeSettings(BaseSettings):
     def _check(self) -> EdgeSettings:
         if "{label}" not in self.prompt_template:
             raise ValueError("prompt_template must contain {label}")
-        if self.text_encoder_dir is not None and not (self.text_encoder_dir / "manifest.json").is_file():
+        if self.sd_encoders_dir is not None and not (self.sd_encoders_dir / "manifest.json").is_file():
             raise ValueError(
-                f"text_encoder_dir {self.text_encoder_dir} has no manifest.json (run fedge-hub export-encoders)"
+                f"sd_encoders_dir {self.sd_encoders_dir} has no manifest.json (run fedge-hub export-encoders)"
             )
         return self

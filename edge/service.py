@@ -30,13 +30,13 @@ from contract.payloads import (
     SiteStatus,
 )
 from contract.topics import Topics
+from edge.clip import OnnxClipImageEncoder, OnnxTextEncoder, prompt_for
 from edge.config import EdgeSettings
 from edge.contribution import make_contribution
 from edge.encoder import EncoderChoice, choose_encoder
 from edge.metrics import EdgeMetrics
 from edge.models import ChunkAssembler, GlobalModel, ModelRejected, ModelStore
 from edge.store import EdgeStore, IndexedSample
-from edge.text_encoder import OnnxTextEncoder, prompt_for
 from runtime.mqtt import Bus, NotConnected
 
 log = logging.getLogger("fedge.edge")
@@ -55,7 +55,13 @@ class EdgeService:
         manifest = json.loads((self.bundle / "manifest.json").read_text())
         self.image_size = int(manifest["image_size"])
         self.encoder: EncoderChoice | None = None
-        self.text_encoder = OnnxTextEncoder(s.text_encoder_dir, s.prefer_cuda) if s.text_encoder_dir else None
+        # Stable Diffusion hubs: prompt embeddings (text) or CLIP image embeddings (unCLIP) instead of the bundle's.
+        self.text_encoder = None
+        self.clip_image = None
+        if s.sd_encoders_dir is not None and s.sd_conditioning == "text":
+            self.text_encoder = OnnxTextEncoder(s.sd_encoders_dir, s.prefer_cuda)
+        elif s.sd_encoders_dir is not None:
+            self.clip_image = OnnxClipImageEncoder(s.sd_encoders_dir, s.prefer_cuda)
         self.stop_event = threading.Event()
         self._jobs: queue.Queue[tuple[str, object]] = queue.Queue()
         self._outbox_wake = threading.Event()
@@ -90,8 +96,7 @@ class EdgeService:
         """The site's status message."""
         current = self.models.current()
         enc = self.encoder
-        if self.text_encoder is not None:
-            enc = self.text_encoder
+        enc = self.text_encoder or self.clip_image or enc
         return SiteStatus(
             site_id=self.settings.site_id,
             state=state,
@@ -237,9 +242,8 @@ class EdgeService:
                 self._status_dirty.set()
 
     # --- main loop work ---
-    def _read(self, samples: list[IndexedSample], size: int | None = None) -> tuple[list[IndexedSample], np.ndarray]:
-        """Images of `samples` that can be read and have `size` (default: the encoder's); others are logged once and skipped."""
-        size = size or self.image_size
+    def _load(self, samples: list[IndexedSample], size: int | None) -> tuple[list[IndexedSample], list[np.ndarray]]:
+        """Images of `samples` that can be read (and have side `size`, when given); others are logged once and skipped."""
         ok, images = [], []
         for smp in samples:
             key = (smp.sample_id, smp.sha256)
@@ -247,7 +251,7 @@ class EdgeService:
                 continue
             try:
                 im = read_image(smp.path)
-                if im.shape != (size, size):
+                if size is not None and im.shape != (size, size):
                     raise ValueError(f"image is {im.shape[0]}x{im.shape[1]}, {size}x{size} expected")
             except (OSError, ValueError) as err:
                 self._bad_files.add(key)
@@ -256,8 +260,13 @@ class EdgeService:
                 continue
             ok.append(smp)
             images.append(im)
-        arr = np.stack(images)[:, None] if images else np.zeros((0, 1, size, size), np.float32)
-        return ok, arr
+        return ok, images
+
+    def _read(self, samples: list[IndexedSample], size: int | None = None) -> tuple[list[IndexedSample], np.ndarray]:
+        """Like `_load`, stacked to [N, 1, S, S]; S defaults to the bundled encoder's input size."""
+        size = size or self.image_size
+        ok, images = self._load(samples, size)
+        return ok, np.stack(images)[:, None] if images else np.zeros((0, 1, size, size), np.float32)
 
     def sync(self) -> bool:
         """Rescan the data folder and encode new training samples; True if anything changed."""
@@ -270,7 +279,15 @@ class EdgeService:
             self.metrics.samples.labels("holdout").set(len(self.store.samples(holdout=True)))
             self._status_dirty.set()
         missing = self.store.missing_embeddings() if self.text_encoder is None else []
-        if missing:
+        if missing and self.clip_image is not None:
+            ok, images = self._load(missing, None)  # CLIP resizes and crops each image itself
+            if ok:
+                t = time.perf_counter()
+                emb = self.clip_image.encode(images)
+                self.metrics.encode_seconds.observe(time.perf_counter() - t)
+                self.metrics.encoded_samples.inc(len(ok))
+                self.store.put_embeddings([(smp.sample_id, smp.sha256, e) for smp, e in zip(ok, emb, strict=True)])
+        elif missing:
             ok, images = self._read(missing)
             if len(ok):
                 enc = self._encoder(images)
@@ -301,11 +318,12 @@ class EdgeService:
             if any((m.sample_id, m.sha256) not in self._bad_files for m in self.store.missing_embeddings()):
                 return None  # encoding still to do
             ids, labels, emb, fp = self.store.training_set()
-            encoder_id = (
-                self.encoder.encoder_id
-                if self.encoder
-                else json.loads((self.bundle / "manifest.json").read_text())["encoder_id"]
-            )
+            if self.clip_image is not None:
+                encoder_id = self.clip_image.encoder_id
+            elif self.encoder is not None:
+                encoder_id = self.encoder.encoder_id
+            else:
+                encoder_id = json.loads((self.bundle / "manifest.json").read_text())["encoder_id"]
         fingerprint = hashlib.sha256(f"{fp}|{encoder_id}|{s.k}|{s.min_group_size}".encode()).hexdigest()
         if fingerprint == self.store.get("contributed_fingerprint"):
             return None

@@ -50,6 +50,21 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: st
         )  # fmt: skip
 
 
+def _preprocessing(model_dir: Path, size: int) -> dict:
+    """CLIP's image preprocessing, from the checkpoint's feature_extractor (or CLIP's defaults), for the edge."""
+    cfg_path = model_dir / "feature_extractor" / "preprocessor_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    resize, crop = cfg.get("size", size), cfg.get("crop_size", size)
+    resize = resize.get("shortest_edge", size) if isinstance(resize, dict) else resize
+    crop = crop.get("height", size) if isinstance(crop, dict) else crop
+    return {
+        "resize_shortest_edge": int(resize),
+        "crop_size": int(crop),
+        "image_mean": cfg.get("image_mean", [0.48145466, 0.4578275, 0.40821073]),
+        "image_std": cfg.get("image_std", [0.26862954, 0.26130258, 0.27577711]),
+    }
+
+
 def export_encoders(model_dir: Path, out_dir: Path) -> dict:
     """Export the encoders of the diffusers checkpoint in `model_dir` to `out_dir`; returns the manifest."""
     from transformers import AutoTokenizer, CLIPTextModel
@@ -109,8 +124,10 @@ def export_encoders(model_dir: Path, out_dir: Path) -> dict:
         manifest["image"] = {
             "file": "image_encoder.onnx",
             "encoder_id": f"clip-image-{sha256_file(out_dir / 'image_encoder.onnx')[:12]}",
-            "image_size": size,
+            "input": "pixel_values",
+            "output": "image_embeds",
             "dim": int(ie.config.projection_dim),
+            **_preprocessing(model_dir, size),
         }
     manifest["files"] = {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.name != "manifest.json"}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,10 +1,14 @@
-"""Stable Diffusion as the hub's foundation model, from weights on local disk, conditioned by prompt embeddings.
+"""Stable Diffusion as the hub's foundation model, from weights on local disk, conditioned by site embeddings.
 
 Sites send, per label, prototypes of CLIP text embeddings (the `last_hidden_state` the pipeline's
 own text encoder would compute, flattened from [max_length, dim]); the hub hands each prototype to
 `StableDiffusionPipeline` as `prompt_embeds`, so no prompt text ever leaves a site. The encoder the
 sites run is the checkpoint's own text encoder, exported to ONNX by `fedge-hub export-encoders`
 (hub/foundation/export_encoders.py), whose manifest gives the encoder id both sides check.
+
+An unCLIP checkpoint (`StableUnCLIPImg2ImgPipeline`) is conditioned instead on CLIP image
+embeddings: sites encode their images with the exported image encoder and send prototypes of
+those, which the hub passes as `image_embeds`, unCLIP-style, like the bundled model.
 
 Nothing is downloaded: `from_pretrained(..., local_files_only=True)` on a directory the user owns.
 fp16 on CUDA; the batch size follows free GPU memory.
@@ -49,15 +53,18 @@ class SDFoundation:
     encoders: dict[str, Any]  # export manifest (hub/foundation/export_encoders.py)
     device: str
     image_size: int  # side of the global classifier's input; generated images are resized to it
+    conditioning: str = "text"  # "text": prompt_embeds; "image": unCLIP image_embeds
 
     @property
     def encoder_id(self) -> str:
-        """Id of the exported text encoder: the sites must send its embeddings."""
-        return str(self.encoders["text"]["encoder_id"])
+        """Id of the exported encoder whose embeddings the sites must send."""
+        return str(self.encoders[self.conditioning]["encoder_id"])
 
     @property
     def dim(self) -> int:
-        """Length of one flattened prompt embedding: max_length x hidden size."""
+        """Length of one embedding: max_length x hidden size (text, flattened) or the projection size (image)."""
+        if self.conditioning == "image":
+            return int(self.encoders["image"]["dim"])
         t = self.encoders["text"]
         return int(t["max_length"] * t["dim"])
 
@@ -69,7 +76,7 @@ class SDFoundation:
 
 def load(model_dir: Path, encoders_dir: Path, device: str = "cpu", image_size: int = 32) -> SDFoundation:
     """Load a local Stable Diffusion directory (diffusers layout) and the manifest of its exported encoders."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableUnCLIPImg2ImgPipeline
     from diffusers.utils import logging as diffusers_logging
 
     model_dir, encoders_dir = Path(model_dir), Path(encoders_dir)
@@ -83,12 +90,22 @@ def load(model_dir: Path, encoders_dir: Path, device: str = "cpu", image_size: i
         raise ValueError(f"the encoders in {encoders_dir} were exported from other weights than {model_dir}")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     diffusers_logging.disable_progress_bar()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(model_dir), dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False,
-        low_cpu_mem_usage=False,
-    ).to(device)  # fmt: skip
+    kind = json.loads((model_dir / "model_index.json").read_text()).get("_class_name", "")
+    if kind == "StableUnCLIPImg2ImgPipeline":  # conditioned on CLIP image embeddings
+        if "image" not in encoders:
+            raise ValueError(f"{model_dir} is an unCLIP checkpoint but {encoders_dir} holds no exported image encoder")
+        pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(
+            str(model_dir), dtype=dtype, local_files_only=True, low_cpu_mem_usage=False
+        ).to(device)
+        conditioning = "image"
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(model_dir), dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False,
+            low_cpu_mem_usage=False,
+        ).to(device)  # fmt: skip
+        conditioning = "text"
     pipe.set_progress_bar_config(disable=True)
-    return SDFoundation(pipe, encoders, device, image_size)
+    return SDFoundation(pipe, encoders, device, image_size, conditioning)
 
 
 def _weights_hash(model_dir: Path) -> str:
@@ -127,14 +144,15 @@ class SDSynthesizer(Synthesizer):
     def _run(self, contribution: Contribution) -> SyntheticSet:
         cfg, fm = self.config, self.foundation
         pipe, t = fm.pipeline, fm.encoders["text"]
-        shape = (int(t["max_length"]), int(t["dim"]))
+        image = fm.conditioning == "image"
+        shape = (1, fm.dim) if image else (int(t["max_length"]), int(t["dim"]))
         side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         batch = batch_size_for(fm.device, side, side, cfg.guidance)
         jobs = []  # (label, prompt_embeds [1, L, D], n, seed)
         for lp in contribution.labels:
             vectors = lp.vectors.to_numpy()
             for j, count in enumerate(lp.counts):
-                emb = torch.from_numpy(vectors[j].reshape(shape))[None]
+                emb = torch.from_numpy(vectors[j].reshape(shape))[None]  # [1, L, D] (text) or [1, 1, D] (image)
                 jobs.append(
                     (lp.label, emb, samples_for(count, cfg), _seed(cfg.seed, contribution.contribution_id, lp.label, j))
                 )
@@ -147,6 +165,21 @@ class SDSynthesizer(Synthesizer):
             gen = torch.Generator(device="cpu").manual_seed(seed)
             for start in range(0, n, batch):
                 m = min(batch, n - start)
+                if image:
+                    out = pipe(
+                        prompt=[""] * m,
+                        image_embeds=emb[:, 0].expand(m, -1).to(fm.device, pipe.unet.dtype),
+                        num_inference_steps=cfg.steps,
+                        guidance_scale=cfg.guidance,
+                        generator=gen,
+                        height=side,
+                        width=side,
+                        output_type="np",
+                    ).images
+                    images.append(to_classifier_input(out, fm.image_size))
+                    labels += [label] * m
+                    bar.update(m)
+                    continue
                 prompt = emb.expand(m, -1, -1).to(fm.device, pipe.unet.dtype)
                 out = pipe(
                     prompt_embeds=prompt,

@@ -8,16 +8,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from edge.clip import OnnxClipImageEncoder, OnnxTextEncoder
 from edge.config import EdgeSettings
 from edge.models import ModelStore
 from edge.service import EdgeService
-from edge.text_encoder import OnnxTextEncoder
 from hub.config import HubSettings
 from hub.service import HubService
 from runtime.mqtt import BrokerSettings
@@ -61,38 +61,49 @@ def test_exported_text_encoder_matches_torch(sd_dirs: tuple[Path, Path]) -> None
 def test_edge_text_path_loads_no_torch(sd_dirs: tuple[Path, Path]) -> None:
     _, encoders = sd_dirs
     code = (
-        "from edge.text_encoder import OnnxTextEncoder\n"
+        "from edge.clip import OnnxTextEncoder\n"
         f"e = OnnxTextEncoder({str(encoders)!r}).encode(['a photo of the digit one'])\n"
         "assert e.shape == (1, 512)"
     )
     assert run_probe(code) == []
 
 
-@pytest.fixture
-def sd_hub(mosquitto: BrokerSettings, sd_dirs: tuple[Path, Path], tmp_path: Path) -> Iterator[HubService]:
-    model, encoders = sd_dirs
-    settings = HubSettings(
-        state_dir=tmp_path / "hub", broker=mosquitto, metrics_port=None, backend="stable-diffusion",
-        stable_diffusion={"model_dir": model, "encoders_dir": encoders, "image_size": 8},
-        rounds={"min_sites": 1, "poll_s": 0.2},
-        synthesis={"samples_per_count": 1.0, "steps": 3, "guidance": 2.0, "epochs": 3},
+@pytest.fixture(scope="module")
+def unclip_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random unCLIP checkpoint (image-embedding conditioned) and its exported encoders."""
+    root = tmp_path_factory.mktemp("unclip")
+    model = tiny_sd.build_unclip(root / "model")
+    out = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "export-encoders", "--model", str(model), "--out", str(root / "encoders")],
+        capture_output=True, text=True,
     )  # fmt: skip
-    hub = HubService(settings)
-    thread = threading.Thread(target=hub.run)
-    thread.start()
-    try:
-        yield hub
-    finally:
-        hub.stop_event.set()
-        thread.join(60)
+    assert out.returncode == 0, out.stderr
+    return model, root / "encoders"
 
 
-def test_edge_prompts_over_mqtt_to_the_pipeline_and_back_as_a_model(
-    sd_hub: HubService, sd_dirs: tuple[Path, Path], mosquitto: BrokerSettings, tmp_path: Path
-) -> None:
-    _, encoders = sd_dirs
-    # A site folder: 8x8 images of two labels; half the "bad" parts have captions in metadata.csv.
-    data = tmp_path / "site" / "data"
+def test_exported_image_encoder_and_edge_preprocessing_match_torch(unclip_dirs: tuple[Path, Path]) -> None:
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    model, encoders = unclip_dirs
+    images = [np.random.default_rng(i).random((8 + 2 * i, 8 + 2 * i), dtype=np.float32) for i in range(3)]
+    edge = OnnxClipImageEncoder(encoders)
+    proc = CLIPImageProcessor.from_pretrained(str(model / "feature_extractor"))
+    pil = [Image.fromarray((im * 255).round().astype(np.uint8), "L").convert("RGB") for im in images]
+    pixels = proc(images=pil, return_tensors="pt").pixel_values
+    assert np.abs(np.stack([edge.preprocess(im) for im in images]) - pixels.numpy()).max() < 1e-2
+    with torch.no_grad():
+        ref = (
+            CLIPVisionModelWithProjection.from_pretrained(str(model / "image_encoder"))
+            .eval()(pixels)
+            .image_embeds.numpy()
+        )
+    assert np.abs(edge.encode(images) - ref).max() < 1e-3
+
+
+def site_folder(root: Path) -> Path:
+    """8x8 images of two labels; half the "bad" parts have captions in metadata.csv."""
+    data = root / "data"
     rng = np.random.default_rng(0)
     rows = []
     for label in ("good", "bad"):
@@ -106,29 +117,71 @@ def test_edge_prompts_over_mqtt_to_the_pipeline_and_back_as_a_model(
         w = csv.DictWriter(fh, fieldnames=["sample_id", "label", "timestamp", "caption"])
         w.writeheader()
         w.writerows(rows)
+    return data
+
+
+def start_hub(
+    mosquitto: BrokerSettings, model: Path, encoders: Path, state: Path
+) -> tuple[HubService, threading.Thread]:
+    settings = HubSettings(
+        state_dir=state, broker=mosquitto, metrics_port=None, backend="stable-diffusion",
+        stable_diffusion={"model_dir": model, "encoders_dir": encoders, "image_size": 8},
+        rounds={"min_sites": 1, "poll_s": 0.2},
+        synthesis={"samples_per_count": 1.0, "steps": 3, "guidance": 2.0, "epochs": 3},
+    )  # fmt: skip
+    hub = HubService(settings)
+    thread = threading.Thread(target=hub.run)
+    thread.start()
+    return hub, thread
+
+
+def one_round(mosquitto: BrokerSettings, model: Path, encoders: Path, tmp_path: Path, **edge_settings):
+    """Hub (Stable Diffusion backend) and one edge on the real broker until the edge has evaluated model v1."""
+    hub, hub_thread = start_hub(mosquitto, model, encoders, tmp_path / "hub")
     edge = EdgeService(EdgeSettings(
-        site_id="plant-a", data_dir=data, state_dir=tmp_path / "site" / "state", broker=mosquitto, metrics_port=None,
-        text_encoder_dir=encoders, prompt_template="a photo of the {label} part", k=2, settle_s=0, scan_interval_s=0.5,
+        site_id="plant-a", data_dir=site_folder(tmp_path / "site"), state_dir=tmp_path / "site" / "state",
+        broker=mosquitto, metrics_port=None, sd_encoders_dir=encoders, k=2, settle_s=0, scan_interval_s=0.5,
+        **edge_settings,
     ))  # fmt: skip
     thread = threading.Thread(target=edge.run)
     thread.start()
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not sd_hub.ledger.evaluations(1):
+        while time.monotonic() < deadline and not hub.ledger.evaluations(1):
             time.sleep(0.2)
+        edge.stop_event.set()
+        thread.join(30)
+        (contribution,) = hub.ledger.active()
+        version = hub.registry.latest()
+        assert version is not None and version.manifest["contributions"] == [contribution.contribution_id]
+        assert version.manifest["synthetic_samples"] > 0 and version.manifest["labels"] == ["bad", "good"]
+        path, manifest = ModelStore(tmp_path / "site" / "state" / "models").current()
+        assert manifest.sha256 == version.sha256
+        (evaluation,) = hub.ledger.evaluations(1)
+        assert evaluation["site_id"] == "plant-a" and evaluation["samples"] > 0
+        return contribution
     finally:
         edge.stop_event.set()
         thread.join(30)
-    # The contribution carried prompt embeddings of the exported encoder's shape, never text.
-    (contribution,) = sd_hub.ledger.active()
+        hub.stop_event.set()
+        hub_thread.join(60)
+
+
+def test_edge_prompts_over_mqtt_to_the_pipeline_and_back_as_a_model(
+    sd_dirs: tuple[Path, Path], mosquitto: BrokerSettings, tmp_path: Path
+) -> None:
+    model, encoders = sd_dirs
+    contribution = one_round(mosquitto, model, encoders, tmp_path, prompt_template="a photo of the {label} part")
+    # Prompt embeddings of the exported encoder's shape went up, never the prompt text.
     assert contribution.encoder_id == OnnxTextEncoder(encoders).encoder_id
     assert contribution.dim == 16 * 32
     assert "scratched" not in contribution.to_json_bytes().decode()
-    # The hub synthesized with the pipeline, trained and delivered; the site verified and evaluated it.
-    version = sd_hub.registry.latest()
-    assert version is not None and version.manifest["contributions"] == [contribution.contribution_id]
-    assert version.manifest["synthetic_samples"] > 0 and version.manifest["labels"] == ["bad", "good"]
-    path, manifest = ModelStore(tmp_path / "site" / "state" / "models").current()
-    assert manifest.sha256 == version.sha256
-    (evaluation,) = sd_hub.ledger.evaluations(1)
-    assert evaluation["site_id"] == "plant-a" and evaluation["samples"] > 0
+
+
+def test_unclip_image_embeddings_over_mqtt_to_the_pipeline_and_back(
+    unclip_dirs: tuple[Path, Path], mosquitto: BrokerSettings, tmp_path: Path
+) -> None:
+    model, encoders = unclip_dirs
+    contribution = one_round(mosquitto, model, encoders, tmp_path, sd_conditioning="image")
+    assert contribution.encoder_id == OnnxClipImageEncoder(encoders).encoder_id
+    assert contribution.dim == 32
