@@ -165,34 +165,16 @@ class SDSynthesizer(Synthesizer):
             gen = torch.Generator(device="cpu").manual_seed(seed)
             for start in range(0, n, batch):
                 m = min(batch, n - start)
-                if image:
-                    out = pipe(
-                        prompt=[""] * m,
-                        image_embeds=emb[:, 0].expand(m, -1).to(fm.device, pipe.unet.dtype),
-                        num_inference_steps=cfg.steps,
-                        guidance_scale=cfg.guidance,
-                        generator=gen,
-                        height=side,
-                        width=side,
-                        output_type="np",
-                    ).images
-                    images.append(to_classifier_input(out, fm.image_size))
-                    labels += [label] * m
-                    bar.update(m)
-                    continue
-                prompt = emb.expand(m, -1, -1).to(fm.device, pipe.unet.dtype)
+                dtype = pipe.unet.dtype
+                if image:  # unCLIP: the prototype is the image embedding; the prompt is empty
+                    cond = {"prompt": [""] * m, "image_embeds": emb[:, 0].expand(m, -1).to(fm.device, dtype)}
+                else:
+                    neg = self._negative(m).to(fm.device, dtype) if cfg.guidance > 1 else None
+                    cond = {"prompt_embeds": emb.expand(m, -1, -1).to(fm.device, dtype), "negative_prompt_embeds": neg}
                 out = pipe(
-                    prompt_embeds=prompt,
-                    negative_prompt_embeds=self._negative(m).to(fm.device, pipe.unet.dtype)
-                    if cfg.guidance > 1
-                    else None,
-                    num_inference_steps=cfg.steps,
-                    guidance_scale=cfg.guidance,
-                    generator=gen,
-                    height=side,
-                    width=side,
-                    output_type="np",
-                ).images  # [m, H, W, 3] in [0, 1]
+                    **cond, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, generator=gen,
+                    height=side, width=side, output_type="np",
+                ).images  # [m, H, W, 3] in [0, 1]  # fmt: skip
                 images.append(to_classifier_input(out, fm.image_size))
                 labels += [label] * m
                 bar.update(m)

@@ -27,17 +27,21 @@ from tests.unit.test_edge_no_torch import run_probe
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def sd_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny random checkpoint, and its encoders exported by the real command."""
-    root = tmp_path_factory.mktemp("sd")
-    model = tiny_sd.build(root / "model")
+def exported(model: Path) -> tuple[Path, Path]:
+    """`fedge-hub export-encoders` on `model`, as a user runs it."""
+    root = model.parent
     out = subprocess.run(
         [sys.executable, "-m", "hub.cli", "export-encoders", "--model", str(model), "--out", str(root / "encoders")],
         capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     return model, root / "encoders"
+
+
+@pytest.fixture(scope="module")
+def sd_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random checkpoint, and its encoders exported by the real command."""
+    return exported(tiny_sd.build(tmp_path_factory.mktemp("sd") / "model"))
 
 
 def test_exported_text_encoder_matches_torch(sd_dirs: tuple[Path, Path]) -> None:
@@ -71,14 +75,7 @@ def test_edge_text_path_loads_no_torch(sd_dirs: tuple[Path, Path]) -> None:
 @pytest.fixture(scope="module")
 def unclip_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny random unCLIP checkpoint (image-embedding conditioned) and its exported encoders."""
-    root = tmp_path_factory.mktemp("unclip")
-    model = tiny_sd.build_unclip(root / "model")
-    out = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "export-encoders", "--model", str(model), "--out", str(root / "encoders")],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return model, root / "encoders"
+    return exported(tiny_sd.build_unclip(tmp_path_factory.mktemp("unclip") / "model"))
 
 
 def test_exported_image_encoder_and_edge_preprocessing_match_torch(unclip_dirs: tuple[Path, Path]) -> None:
