@@ -143,8 +143,20 @@ class HubService:
         self.metrics.sent_bytes.labels("errors").inc(len(body))
         log.warning("rejected %s from %s: %s: %s", kind, site_id, err.code, err.reason)
 
+    def _site_of(self, topic: str, kind: str) -> str | None:
+        """The site a message came from; None (logged, counted, acknowledged) for a topic no site may use."""
+        parsed = self.topics.parse_site(topic)
+        if parsed is None:
+            self.metrics.messages.labels(kind, "rejected").inc()
+            self.metrics.rejections.labels("invalid").inc()
+            log.warning("ignored a message on %s: not a valid site topic, so no errors topic to answer on", topic)
+            return None
+        return parsed[0]
+
     def _on_embeddings(self, topic: str, payload: bytes) -> None:
-        site_id = self.topics.parse_site(topic)[0]
+        site_id = self._site_of(topic, "embeddings")
+        if site_id is None:
+            return
         self.metrics.received_bytes.labels("embeddings").inc(len(payload))
         try:
             c = parse_contribution(payload, site_id, self.encoders, self.settings.max_payload_bytes)
@@ -164,7 +176,9 @@ class HubService:
             )
 
     def _on_eval(self, topic: str, payload: bytes) -> None:
-        site_id = self.topics.parse_site(topic)[0]
+        site_id = self._site_of(topic, "eval")
+        if site_id is None:
+            return
         self.metrics.received_bytes.labels("eval").inc(len(payload))
         try:
             e = parse_evaluation(payload, site_id)

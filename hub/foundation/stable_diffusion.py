@@ -178,6 +178,14 @@ class SDSynthesizer(Synthesizer):
                 images.append(to_classifier_input(out, fm.image_size))
                 labels += [label] * m
                 bar.update(m)
+                # Minutes per contribution on a GPU: the service log says how far it is (tqdm is off there).
+                log.info(
+                    "synthesize %s: %d/%d images (batch %d)",
+                    contribution.contribution_id[:8],
+                    len(labels),
+                    total,
+                    batch,
+                )
         bar.close()
         if not images:
             return SyntheticSet(

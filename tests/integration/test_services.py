@@ -162,6 +162,12 @@ def test_ten_kinds_of_bad_payload_are_rejected_with_a_reason(hub: HubService, mo
         == 10
     )
     assert len(hub.ledger.rejections()) == 10
+    # A topic whose site id no site may have (no errors topic to answer on): counted, acknowledged, ignored.
+    watcher.publish("fedge/v1/site/bad.site.id/embeddings", first.to_json_bytes())
+    wait_for(lambda: hub.metrics.registry.get_sample_value("fedge_hub_rejections_total", {"code": "invalid"}) == 2,
+             10, "the invalid topic to be counted")  # fmt: skip
+    rejected = {"kind": "embeddings", "result": "rejected"}
+    assert hub.metrics.registry.get_sample_value("fedge_hub_messages_total", rejected) == 11
     # Nothing half-applied, and the hub keeps serving: the next good payload is ingested.
     assert hub.ledger.contribution_ids() == [first.contribution_id]
     nxt = good_contribution(hub, "site-c", seed=2)
