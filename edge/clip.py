@@ -25,6 +25,8 @@ from edge.encoder import providers
 class OnnxTextEncoder:
     """Prompts -> flattened CLIP last_hidden_state, tokenized and padded exactly as the pipeline does."""
 
+    variant = "clip-text"
+
     def __init__(self, encoders_dir: Path, prefer_cuda: bool = True):
         self.dir = Path(encoders_dir)
         manifest = json.loads((self.dir / "manifest.json").read_text())

@@ -95,14 +95,11 @@ class EdgeService:
     def status(self, state: str = "online") -> SiteStatus:
         """The site's status message."""
         current = self.models.current()
-        enc = self.encoder
-        enc = self.text_encoder or self.clip_image or enc
+        enc = self.text_encoder or self.clip_image or self.encoder
         return SiteStatus(
             site_id=self.settings.site_id,
             state=state,
-            encoder=EncoderStatus(
-                encoder_id=enc.encoder_id, variant=getattr(enc, "variant", "clip-text"), provider=enc.provider
-            )
+            encoder=EncoderStatus(encoder_id=enc.encoder_id, variant=enc.variant, provider=enc.provider)
             if enc
             else None,
             samples=len(self.store.samples()),

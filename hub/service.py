@@ -25,6 +25,7 @@ from hub.registry import ModelRegistry, ModelVersion
 from runtime.mqtt import Bus, NotConnected
 
 log = logging.getLogger("fedge.hub")
+ROUND_RETRY_S = 60.0
 
 
 def resolve_device(name: str) -> str:
@@ -72,6 +73,7 @@ class HubService:
         self.stop_event = threading.Event()
         self._republish = threading.Event()
         self._pending_since: float | None = None
+        self._failed: tuple[set[str], float] | None = None  # contributions of the last failed round, and when
         self._state = "online"
         self.session_id = new_id()
         self.bus = Bus(
@@ -202,6 +204,8 @@ class HubService:
         if active == (self.ledger.last_trained_set() or set()) or not active:
             self._pending_since = None
             return None
+        if self._failed is not None and self._failed[0] == active and now - self._failed[1] < ROUND_RETRY_S:
+            return None  # the same contributions just failed a round: retry later, not every poll
         if self._pending_since is None:
             self._pending_since = now
         p = self.settings.rounds
@@ -235,7 +239,8 @@ class HubService:
                 result, self.registry, contributions, {"foundation": self.foundation.encoder_id, "round": round_id}
             )
         except Exception as err:  # a failed round is recorded and reported, the hub keeps serving
-            log.exception("round %d failed", round_id)
+            log.exception("round %d failed; the same contributions are retried in %d s", round_id, ROUND_RETRY_S)
+            self._failed = (set(ids), time.monotonic())
             self.ledger.finish_round(round_id, ids, None, f"{type(err).__name__}: {err}")
             self.metrics.rounds.labels("failed").inc()
             self._publish_status("online")
