@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[edge,hub,bench,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[edge,edge-sd,hub,bench,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
-from tokenizers import Tokenizer
 
 from edge.encoder import providers
 
@@ -28,6 +27,10 @@ class OnnxTextEncoder:
     variant = "clip-text"
 
     def __init__(self, encoders_dir: Path, prefer_cuda: bool = True):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError("the text path needs the tokenizers package: pip install 'fedge[edge,edge-sd]'") from None
         self.dir = Path(encoders_dir)
         manifest = json.loads((self.dir / "manifest.json").read_text())
         self.spec = t = manifest["text"]

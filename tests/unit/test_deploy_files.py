@@ -85,22 +85,25 @@ def test_dockerfiles_copy_existing_sources_run_non_root_and_check_health(name: s
 
 def test_the_edge_image_carries_no_torch() -> None:
     edge = " ".join(arg for op, arg in dockerfile_instructions("Dockerfile.edge") if op == "RUN")
-    assert "'.[edge]'" in edge and "hub" not in edge
+    args = [arg for op, arg in dockerfile_instructions("Dockerfile.edge") if op == "ARG"]
+    assert "EXTRAS=edge" in args and '".[${EXTRAS}]"' in edge and "hub" not in edge
     copied = " ".join(arg for op, arg in dockerfile_instructions("Dockerfile.edge") if op == "COPY")
     assert "hub" not in copied.split()  # the hub package (torch, diffusers) never enters the image
 
 
-def test_edge_install_set_holds_no_torch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extras", ["edge", "edge,edge-sd"])
+def test_edge_install_set_holds_no_torch(tmp_path: Path, extras: str) -> None:
     """Resolve `pip install .[edge]` from the package index, as the edge image does, and list what it installs."""
     report = tmp_path / "report.json"
     out = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
-         "-c", str(ROOT / "constraints.txt"), f"{ROOT}[edge]"],
+         "-c", str(ROOT / "constraints.txt"), f"{ROOT}[{extras}]"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     names = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
     assert "onnxruntime" in names and "paho-mqtt" in names
+    assert ("tokenizers" in names) == ("edge-sd" in extras)  # the default edge carries no tokenizers stack
     assert not names & {"torch", "torchvision", "diffusers", "triton", "flwr"}, sorted(names)
     assert not any(n.startswith("nvidia-") for n in names), sorted(names)
 
