@@ -282,6 +282,12 @@ def test_round_start_command_runs_a_round_below_the_site_minimum(
     assert [(r.trigger, r.state, r.contributions) for r in hub.ledger.rounds()] == [
         ("manual", "done", [c.contribution_id])
     ]
+    status = subprocess.run([sys.executable, "-m", "hub.cli", "status", "--config", str(conf)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    view = json.loads(status.stdout)
+    assert view["contributions"] == {"active": 1, "superseded": 0}
+    assert [(r["trigger"], r["state"], r["model_version"]) for r in view["rounds"]] == [("manual", "done", 1)]
     watcher.stop()
 
 
