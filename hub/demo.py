@@ -35,8 +35,6 @@ from edge.models import GlobalModel
 from hub import datasets
 from runtime.mqtt import BrokerSettings, Bus
 
-PREFIX = "fedge/v1"
-
 
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
@@ -218,7 +216,7 @@ def run_demo(
     broker = Broker(workdir, log, broker)
     services = Services()
     observer = Observer()
-    topics = Topics(PREFIX)
+    topics = Topics()  # the default prefix, as the generated configs use
     watch = Bus(f"fedge-demo-observer-{os.getpid()}", broker.settings(), persistent=False)
     observer.attach(watch, topics)
     try:

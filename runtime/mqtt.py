@@ -142,6 +142,8 @@ class Bus:
             self.broker.host, self.broker.port, self.broker.keepalive_s, clean_start=clean_start, properties=props
         )
         self.client.loop_start()
+        # paho exposes no public handle on its network thread; publish() uses this to refuse to wait on it.
+        # _handle_connect records the same ident once connected, should paho ever start it lazily.
         self._loop_thread_ident = getattr(self.client._thread, "ident", None)
 
     def wait_connected(self, timeout: float) -> bool:
