@@ -54,6 +54,7 @@ class EdgeService:
         self.bundle = bundled.resolve(s.bundle)
         manifest = json.loads((self.bundle / "manifest.json").read_text())
         self.image_size = int(manifest["image_size"])
+        self.bundle_encoder_id = str(manifest["encoder_id"])  # before the encoder variant is chosen
         self.encoder: EncoderChoice | None = None
         # Stable Diffusion hubs: prompt embeddings (text) or CLIP image embeddings (unCLIP) instead of the bundle's.
         self.text_encoder = None
@@ -102,7 +103,7 @@ class EdgeService:
             encoder=EncoderStatus(encoder_id=enc.encoder_id, variant=enc.variant, provider=enc.provider)
             if enc
             else None,
-            samples=len(self.store.samples()),
+            samples=self.store.sample_count(),
             contribution_id=self.store.get("contribution_id"),
             model_version=current[1].version if current else None,
             outbox_depth=self.store.outbox_depth(),
@@ -272,8 +273,8 @@ class EdgeService:
         if added or changed or removed:
             self._last_change = time.monotonic()
             log.info("data folder: %d added, %d changed, %d removed", len(added), len(changed), len(removed))
-            self.metrics.samples.labels("train").set(len(self.store.samples(holdout=False)))
-            self.metrics.samples.labels("holdout").set(len(self.store.samples(holdout=True)))
+            self.metrics.samples.labels("train").set(self.store.sample_count(holdout=False))
+            self.metrics.samples.labels("holdout").set(self.store.sample_count(holdout=True))
             self._status_dirty.set()
         missing = self.store.missing_embeddings() if self.text_encoder is None else []
         if missing and self.clip_image is not None:
@@ -320,7 +321,7 @@ class EdgeService:
             elif self.encoder is not None:
                 encoder_id = self.encoder.encoder_id
             else:
-                encoder_id = json.loads((self.bundle / "manifest.json").read_text())["encoder_id"]
+                encoder_id = self.bundle_encoder_id
         fingerprint = hashlib.sha256(f"{fp}|{encoder_id}|{s.k}|{s.min_group_size}".encode()).hexdigest()
         if fingerprint == self.store.get("contributed_fingerprint"):
             return None

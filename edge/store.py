@@ -175,6 +175,14 @@ class EdgeStore:
             cur = self._db.execute(q + " ORDER BY sample_id", args)
             return [IndexedSample(r[0], r[1], Path(r[2]), r[3], bool(r[4])) for r in cur]
 
+    def sample_count(self, holdout: bool | None = None) -> int:
+        """Number of indexed samples (all, training only, or held out only)."""
+        q, args = "SELECT COUNT(*) FROM samples", ()
+        if holdout is not None:
+            q, args = q + " WHERE holdout = ?", (int(holdout),)
+        with self._lock:
+            return int(self._db.execute(q, args).fetchone()[0])
+
     def missing_embeddings(self) -> list[IndexedSample]:
         """Training samples not encoded yet."""
         with self._lock:

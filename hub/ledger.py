@@ -176,6 +176,12 @@ class Ledger:
             ).fetchall()
         return [Contribution.model_validate_json(r[0]) for r in rows]
 
+    def active_ids(self) -> set[str]:
+        """Ids of the active contributions that carry samples (what a round would train on), without parsing them."""
+        with self._lock:
+            rows = self._db.execute("SELECT contribution_id FROM contributions WHERE state = 'active' AND labels > 0")
+            return {r[0] for r in rows}
+
     def counts_by_state(self) -> dict[str, int]:
         """Number of contributions per state."""
         with self._lock:

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from contract.payloads import ErrorReport, HubStatus, ModelManifest, new_id
@@ -200,7 +199,7 @@ class HubService:
     # --- rounds (main thread) ---
     def check_policy(self, now: float) -> str | None:
         """Request a round when the active contributions changed and the policy says so; the trigger or None."""
-        active = {c.contribution_id for c in self.ledger.active() if c.labels}
+        active = self.ledger.active_ids()  # every poll: ids only, no payload parsing
         if active == (self.ledger.last_trained_set() or set()) or not active:
             self._pending_since = None
             return None
@@ -234,7 +233,7 @@ class HubService:
             "round %d: %d contributions from %d sites", round_id, len(ids), len({c.site_id for c in contributions})
         )
         try:
-            result = run_round(contributions, self.synthesizer, replace(self.train_config))
+            result = run_round(contributions, self.synthesizer, self.train_config)
             version = publish(
                 result, self.registry, contributions, {"foundation": self.foundation.encoder_id, "round": round_id}
             )

@@ -131,15 +131,17 @@ class SDSynthesizer(Synthesizer):
         self, foundation: SDFoundation, config: SynthesisConfig, cache_dir: Path | None = None, progress: bool = True
     ):
         super().__init__(foundation, config, cache_dir, progress)  # type: ignore[arg-type]
+        self._empty_prompt: torch.Tensor | None = None
 
     def _negative(self, n: int) -> torch.Tensor:
-        """Embeddings of the empty prompt (the unconditional branch of classifier-free guidance)."""
-        pipe = self.foundation.pipeline
-        ids = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
-        with torch.no_grad():
-            emb = pipe.text_encoder(ids.to(pipe.device))[0]
-        return emb.expand(n, -1, -1)
+        """Embeddings of the empty prompt (the unconditional branch of classifier-free guidance), computed once."""
+        if self._empty_prompt is None:
+            pipe = self.foundation.pipeline
+            ids = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids  # fmt: skip
+            with torch.no_grad():
+                self._empty_prompt = pipe.text_encoder(ids.to(pipe.device))[0]
+        return self._empty_prompt.expand(n, -1, -1)
 
     def _run(self, contribution: Contribution) -> SyntheticSet:
         cfg, fm = self.config, self.foundation
