@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick bundled install
+.PHONY: demo test lint bench bench-quick bundled install provision images
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,8 +22,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The OS tools the tests drive for real (Mosquitto, Prometheus, a compose client, podman with runc and
+# debootstrap, openssl): installed as root when missing, else named with the command that installs them.
+provision:
+	bash tools/provision.sh
+
+test: provision lint
 	$(BIN)/python -m pytest -q
+
+# fedge-edge and fedge-hub (CPU) images, with podman or Docker: tools/images.sh [edge] [hub-cpu] [hub-cuda]
+images:
+	bash tools/images.sh
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.encode
