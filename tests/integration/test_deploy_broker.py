@@ -1,4 +1,4 @@
-"""The shipped Mosquitto config (deploy/mosquitto) in a real Mosquitto: logins, the ACL, and queue limits."""
+"""The shipped Mosquitto configs (deploy/mosquitto) in a real Mosquitto: logins, the ACL, queue limits, and TLS."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from hub.demo import free_port, wait_port
+from runtime.mqtt import BrokerSettings, Bus, TlsSettings
 from tests.integration.conftest import mosquitto_exe
+from tests.integration.test_tls import openssl
 
 DEPLOY = Path(__file__).parents[2] / "deploy" / "mosquitto"
 USERS = {"hub": "hub-secret", "site-a": "a-secret", "site-b": "b-secret"}
@@ -118,3 +120,93 @@ def test_a_burst_of_5000_qos1_messages_reaches_a_slow_subscriber_whole(deployed:
     for c in (hub, site):
         c.loop_stop()
         c.disconnect()
+
+
+@pytest.fixture
+def deployed_tls(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """deploy/mosquitto/tls.conf verbatim but for file locations and the port, with a CA and certificate made here."""
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=fedge-test-ca",
+            "-keyout", "ca.key", "-out", "ca.crt", cwd=tmp_path)  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=mosquitto", "-keyout", "mosquitto.key",
+            "-out", "mosquitto.csr", cwd=tmp_path)  # fmt: skip
+    (tmp_path / "san.ext").write_text("subjectAltName=DNS:mosquitto,IP:127.0.0.1\n")  # as secrets/README.md makes it
+    openssl("x509", "-req", "-in", "mosquitto.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-out", "mosquitto.crt", "-extfile", "san.ext", cwd=tmp_path)  # fmt: skip
+    passwd = tmp_path / "passwd"
+    passwd.touch()
+    for user, pw in USERS.items():
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, pw], check=True)
+    port = free_port()
+    conf = (DEPLOY / "tls.conf").read_text()
+    for shipped, here in {
+        "/run/secrets/mosquitto_passwd": passwd,
+        "/run/secrets/mqtt_ca": tmp_path / "ca.crt",
+        "/run/secrets/mosquitto_cert": tmp_path / "mosquitto.crt",
+        "/run/secrets/mosquitto_key": tmp_path / "mosquitto.key",
+        "/mosquitto/config/acl": DEPLOY / "acl",
+        "/mosquitto/data/": f"{tmp_path}/",
+        "\nlistener 8883\n": f"\nlistener {port} 127.0.0.1\n",
+    }.items():
+        assert shipped in conf, shipped
+        conf = conf.replace(shipped, str(here))
+    assert "/run/secrets" not in conf and " /mosquitto/" not in conf  # every container path replaced
+    if os.geteuid() == 0:  # as root, Mosquitto drops to user "mosquitto", who cannot read pytest's private tmp
+        conf += "user root\n"
+    (tmp_path / "mosquitto.conf").write_text(conf)
+    proc = subprocess.Popen([mosquitto_exe(), "-c", str(tmp_path / "mosquitto.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_port(port, 10)
+        yield port, tmp_path
+    finally:
+        proc.terminate()
+        assert proc.wait(10) is not None
+
+
+def test_the_tls_config_serves_sites_over_tls_with_their_passwords(deployed_tls: tuple[int, Path]) -> None:
+    port, d = deployed_tls
+    tls = TlsSettings(ca_file=d / "ca.crt")
+
+    def bus(user: str) -> Bus:
+        return Bus(f"fedge-{user}", BrokerSettings(host="127.0.0.1", port=port, username=user,
+                                                   password=USERS[user], tls=tls))  # fmt: skip
+
+    # The hub side with paho's own TLS, the site through the services' Bus and its TLS settings.
+    got: list[bytes] = []
+    arrived = threading.Event()
+    hub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fedge-hub-hub", protocol=mqtt.MQTTv5)
+    hub.tls_set(ca_certs=str(d / "ca.crt"))
+    hub.username_pw_set("hub", USERS["hub"])
+    hub.on_connect = lambda c, u, f, rc, p: c.subscribe("fedge/v1/site/+/status", qos=1)
+    hub.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
+    hub.on_message = lambda c, u, m: (got.append(m.payload), arrived.set())
+    subscribed = threading.Event()
+    hub.connect("127.0.0.1", port)
+    hub.loop_start()
+    site = bus("site-a")
+    site.start()
+    try:
+        assert subscribed.wait(10) and site.wait_connected(10)
+        site.publish("fedge/v1/site/site-a/status", b"online")
+        assert arrived.wait(10) and got == [b"online"]
+    finally:
+        site.stop()
+        hub.loop_stop()
+        hub.disconnect()
+    # Plain MQTT on the TLS port is refused, and so is TLS with a wrong password.
+    plain = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="plain", protocol=mqtt.MQTTv5)
+    plain.username_pw_set("site-a", USERS["site-a"])
+    connected = threading.Event()
+    plain.on_connect = lambda c, u, f, rc, p: connected.set() if not rc.is_failure else None
+    plain.connect_async("127.0.0.1", port)
+    plain.loop_start()
+    assert not connected.wait(3)
+    plain.loop_stop()
+    intruder = Bus(
+        "intruder", BrokerSettings(host="127.0.0.1", port=port, username="site-a", password="wrong", tls=tls)
+    )
+    intruder.start()
+    try:
+        assert not intruder.wait_connected(3)
+    finally:
+        intruder.stop()

@@ -15,13 +15,29 @@ import yaml
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
-COMPOSE_SETS = [["compose.yml"], ["compose.yml", "compose.cpu.yml"]]
+COMPOSE_SETS = [
+    ["compose.yml"],
+    ["compose.yml", "compose.cpu.yml"],
+    ["compose.yml", "compose.tls.yml"],
+    ["compose.yml", "compose.cpu.yml", "compose.tls.yml", "compose.cpu-tls.yml"],
+]
 
 
 def compose_client() -> list[str] | None:
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
         return ["docker", "compose"]
     return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+def merge(base: dict, overlay: dict) -> None:
+    """Compose's overlay rules, as far as these files use them: maps merge by key, lists add up."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        elif isinstance(value, list) and isinstance(base.get(key), list):
+            base[key] = base[key] + [v for v in value if v not in base[key]]
+        else:
+            base[key] = value
 
 
 @pytest.mark.parametrize("files", COMPOSE_SETS, ids=["+".join(f) for f in COMPOSE_SETS])
@@ -38,7 +54,7 @@ def test_compose_files_validate(files: list[str]) -> None:
         for key, value in doc.items():
             if isinstance(value, dict) and not key.startswith("x-"):
                 for name, body in value.items():
-                    merged.setdefault(key, {}).setdefault(name, {}).update(body or {})
+                    merge(merged.setdefault(key, {}).setdefault(name, {}), body or {})
     services, secrets, volumes = merged["services"], merged.get("secrets", {}), merged.get("volumes", {})
     for name, svc in services.items():
         assert "image" in svc, name
@@ -57,6 +73,27 @@ def test_compose_files_validate(files: list[str]) -> None:
     for s in secrets.values():
         assert s["file"].startswith("./secrets/")
     assert services["hub"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    if "compose.tls.yml" in files:  # every fedge service reaches the broker over TLS, with the CA as a secret
+        fedge = [n for n in services if n.startswith(("hub", "edge"))]
+        assert ("hub-cpu" in fedge) == ("compose.cpu.yml" in files)
+        for name in fedge:
+            env, prefix = services[name]["environment"], "FEDGE_HUB" if name.startswith("hub") else "FEDGE_EDGE"
+            assert env[f"{prefix}_BROKER__PORT"] == "8883", name
+            assert env[f"{prefix}_BROKER__TLS__CA_FILE"] == "/run/secrets/mqtt_ca", name
+            assert "mqtt_ca" in services[name]["secrets"], name
+        assert "./mosquitto/tls.conf:/mosquitto/config/mosquitto.conf:ro" in services["mosquitto"]["volumes"]
+
+
+def test_the_tls_broker_config_keeps_every_setting_of_the_plain_one() -> None:
+    """tls.conf replaces mosquitto.conf under the TLS switch: only the listener may differ."""
+
+    def settings(name: str) -> list[str]:
+        lines = (DEPLOY / "mosquitto" / name).read_text().splitlines()
+        return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+    plain, tls = settings("mosquitto.conf"), settings("tls.conf")
+    assert [s for s in plain if not s.startswith("listener")] == tls[: tls.index("listener 8883")]
+    assert {"require_certificate false", "cafile /run/secrets/mqtt_ca"} <= set(tls)
 
 
 def dockerfile_instructions(name: str) -> list[tuple[str, str]]:
