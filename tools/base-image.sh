@@ -24,8 +24,11 @@ trap 'rm -rf "$root"' EXIT
 debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
   "$SUITE" "$root" "$MIRROR" >"$root.log" 2>&1 || { tail -20 "$root.log" >&2; rm -f "$root.log"; exit 1; }
 rm -f "$root.log"
-# What Debian's slim images leave out: apt lists and caches, docs, manuals, translations (33 MB).
+# What Debian's slim images leave out: apt lists and caches, docs, manuals, translations (33 MB); and,
+# as the official python images do, compiled bytecode (14 MB; a non-root container could not write it
+# back anyway).
 find "$root"/usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
+find "$root"/usr -name __pycache__ -type d -prune -exec rm -rf {} +
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \
   "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/lintian
 tar -C "$root" -c . | podman import -q --change 'CMD ["python3"]' --change 'ENV LANG=C.UTF-8' - "$TAG" >/dev/null
