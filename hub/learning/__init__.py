@@ -1,0 +1,1 @@
+"""How the hub learns the global model from contributions in a way that can forget them exactly."""
