@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 from contract.arrays import ArrayPayload
 
 SCHEMA_VERSION = 1
+
+
+def _exact_int(value: object) -> object:
+    # `true` and `1.0` compare equal to 1 in Python; the schema version is the integer itself.
+    if type(value) is not int:
+        raise ValueError(f"schema_version must be the integer {SCHEMA_VERSION}, got {value!r}")
+    return value
+
+
+SchemaVersion = Annotated[Literal[1], BeforeValidator(_exact_int), Field(description="Payload schema version.")]
+# Counters and sizes: bounded so that no number on the wire can overflow SQLite's 64-bit integers.
+MAX_COUNT = 10**12
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 SiteId = Annotated[str, StringConstraints(pattern=SITE_ID_PATTERN)]
@@ -39,7 +54,7 @@ class LabelPrototypes(BaseModel):
 
     label: Label
     vectors: ArrayPayload = Field(description="Prototype embeddings, shape [k, dim].")
-    counts: list[Annotated[int, Field(ge=1)]] = Field(description="Samples averaged per prototype.")
+    counts: list[Annotated[int, Field(ge=1, le=MAX_COUNT)]] = Field(description="Samples averaged per prototype.")
     spreads: list[Annotated[float, Field(ge=0.0, le=1e3, allow_inf_nan=False)]] = Field(
         description="Root-mean-square distance of each group's samples to its prototype."
     )
@@ -66,14 +81,16 @@ class Contribution(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    contribution_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")] = Field(default_factory=new_id)
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    contribution_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")] = Field(
+        description="Chosen by the site, never reused for other content (sites derive it from the content)."
+    )
     site_id: SiteId
     encoder_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
-    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    created_at: AwareDatetime
     supersedes: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")] | None = None
     k: int = Field(ge=1, le=MAX_PROTOTYPES_PER_LABEL, description="Prototypes asked per label.")
-    min_group_size: int = Field(ge=1, description="Smallest number of samples one prototype averages.")
+    min_group_size: int = Field(ge=1, le=MAX_COUNT, description="Smallest number of samples one prototype averages.")
     labels: list[LabelPrototypes] = Field(max_length=MAX_LABELS)
 
     @model_validator(mode="after")
@@ -108,17 +125,38 @@ class Contribution(BaseModel):
         if self.dim is not None and self.dim != expected:
             raise ValueError(f"embedding dimension {self.dim} does not match encoder {self.encoder_id!r} ({expected})")
 
+    def content_sha256(self) -> str:
+        """Digest of everything but `created_at`: the same upload sent again later has the same content."""
+        body = self.model_dump(mode="json", exclude={"created_at"}, exclude_none=True)
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
     def to_json_bytes(self) -> bytes:
         """The exact bytes published on the wire."""
         return self.model_dump_json(exclude_none=True).encode("utf-8")
 
 
-def _now() -> datetime:
+def now() -> datetime:
+    """The current time, with its zone (every time on the wire has one)."""
     return datetime.now(UTC)
 
 
 MessageId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+ModelVersionNumber = Annotated[int, Field(ge=1, le=MAX_COUNT)]
+
+
+class Signature(BaseModel):
+    """An Ed25519 signature over the payload's canonical encoding without this member (contract/signing.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alg: Literal["ed25519"]
+    key_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] = Field(
+        description="First 16 hex digits of sha256 of the signer's raw 32-byte public key."
+    )
+    value: Annotated[str, StringConstraints(min_length=1, max_length=256)] = Field(
+        description="Base64 of the 64-byte signature."
+    )
 
 
 class EncoderStatus(BaseModel):
@@ -136,18 +174,30 @@ class SiteStatus(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    message_id: MessageId = Field(default_factory=new_id)
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    message_id: MessageId
     site_id: SiteId
     state: Literal["online", "offline", "stopped"]
-    at: datetime = Field(default_factory=_now)
+    at: AwareDatetime
     encoder: EncoderStatus | None = None
-    samples: int | None = Field(default=None, ge=0, description="Samples in the local index (training + held-out).")
+    samples: Count | None = Field(default=None, description="Samples in the local index (training + held-out).")
     contribution_id: MessageId | None = Field(default=None, description="The site's latest contribution.")
-    model_version: int | None = Field(default=None, ge=1, description="Global model version the site runs.")
-    outbox_depth: int | None = Field(default=None, ge=0, description="Messages not yet acknowledged by the broker.")
-    bytes_sent: dict[str, int] = Field(default_factory=dict, description="Payload bytes published, by message kind.")
-    bytes_received: dict[str, int] = Field(default_factory=dict, description="Payload bytes received, by kind.")
+    model_version: ModelVersionNumber | None = Field(default=None, description="Global model version the site runs.")
+    model_error: str | None = Field(
+        default=None, description="Why the newest delivered or stored model is not the one running, if it is not."
+    )
+    outbox_depth: Count | None = Field(default=None, description="Messages not yet acknowledged by the broker.")
+    bytes_sent: dict[str, Count] = Field(default_factory=dict, description="Payload bytes published, by message kind.")
+    bytes_received: dict[str, Count] = Field(default_factory=dict, description="Payload bytes received, by kind.")
+
+
+class EncoderInfo(BaseModel):
+    """An encoder the hub accepts embeddings from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    encoder_id: str
+    dim: int = Field(ge=1, le=1 << 20, description="Embedding dimension.")
 
 
 class HubStatus(BaseModel):
@@ -155,16 +205,26 @@ class HubStatus(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    message_id: MessageId = Field(default_factory=new_id)
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    message_id: MessageId
     hub_id: SiteId
     session_id: MessageId = Field(
         description="New each time the hub connects; sites resend their latest contribution when it changes."
     )
     state: Literal["online", "offline", "stopped", "training"]
-    at: datetime = Field(default_factory=_now)
-    model_version: int | None = Field(default=None, ge=1)
-    active_contributions: int | None = Field(default=None, ge=0)
+    at: AwareDatetime
+    model_version: ModelVersionNumber | None = None
+    active_contributions: Count | None = None
+    encoders: list[EncoderInfo] = Field(default_factory=list, description="Encoders whose embeddings the hub accepts.")
+    min_group_size: int | None = Field(
+        default=None, ge=1, le=MAX_COUNT, description="Fewest samples a prototype must average for this hub."
+    )
+    key_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] | None = Field(
+        default=None, description="Id of the key that signs manifests and certificates."
+    )
+    public_key: str | None = Field(
+        default=None, max_length=4096, description="That key's public half, PEM (SubjectPublicKeyInfo)."
+    )
 
 
 class ChunkRef(BaseModel):
@@ -172,30 +232,31 @@ class ChunkRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    index: int = Field(ge=0)
-    size_bytes: int = Field(ge=0)
+    index: int = Field(ge=0, le=MAX_COUNT)
+    size_bytes: Count
     sha256: Sha256
 
 
 class ModelManifest(BaseModel):
-    """Retained on `hub/model`: the current global model and how to fetch and check it."""
+    """Retained on `hub/model`: the current global model and how to fetch and check it. Signed by the hub."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    message_id: MessageId = Field(default_factory=new_id)
-    version: int = Field(ge=1)
-    created_at: datetime
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    message_id: MessageId
+    version: ModelVersionNumber
+    created_at: AwareDatetime
     format: Literal["onnx"] = "onnx"
     sha256: Sha256 = Field(description="sha256 of the whole artifact; a site runs nothing that does not match.")
-    size_bytes: int = Field(ge=1)
+    size_bytes: int = Field(ge=1, le=MAX_COUNT)
     chunks: list[ChunkRef] = Field(min_length=1, description="Published retained on hub/model/<version>/<index>.")
     labels: list[Label] = Field(min_length=1, description="Class names, in logit order.")
     input_name: str = "image"
     input_shape: list[int] = Field(description="[-1, 1, S, S], pixels in [0, 1].")
     encoder_id: str = Field(description="Encoder whose embeddings sites must send for the next round.")
     contributions: list[MessageId] = Field(description="Contributions the model was trained on.")
-    fedavg_round_bytes: int = Field(ge=0, description="What one FedAvg round of this model costs a site (up + down).")
+    fedavg_round_bytes: Count = Field(description="What one FedAvg round of this model costs a site (up + down).")
+    signature: Signature = Field(description="The hub's signature; a site installs nothing unsigned.")
 
 
 class ModelChunk(BaseModel):
@@ -203,10 +264,10 @@ class ModelChunk(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    version: int = Field(ge=1)
-    index: int = Field(ge=0)
-    count: int = Field(ge=1)
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    version: ModelVersionNumber
+    index: int = Field(ge=0, le=MAX_COUNT)
+    count: int = Field(ge=1, le=MAX_COUNT)
     data: str = Field(description="Base64 (RFC 4648, with padding) of the chunk's bytes.")
 
 
@@ -215,13 +276,123 @@ class Evaluation(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    eval_id: MessageId = Field(default_factory=new_id)
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    eval_id: MessageId
     site_id: SiteId
-    model_version: int = Field(ge=1)
-    at: datetime = Field(default_factory=_now)
-    samples: int = Field(ge=0)
-    accuracy: float | None = Field(default=None, ge=0.0, le=1.0, description="None when the site holds no samples.")
+    model_version: ModelVersionNumber
+    at: AwareDatetime
+    samples: Count
+    accuracy: float | None = Field(
+        default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="None when the site holds no samples."
+    )
+
+
+SampleId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^/\\\x00]+$")]
+MAX_FORGET_SAMPLE_IDS = 10_000
+
+
+class ForgetSelector(BaseModel):
+    """Which local samples a forget request covers: listed ids, one label, a time window, or everything."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["samples", "label", "time_window", "all"]
+    sample_ids: list[SampleId] | None = Field(
+        default=None, max_length=MAX_FORGET_SAMPLE_IDS, description="kind samples: the sample ids (file stems)."
+    )
+    label: Label | None = Field(default=None, description="kind label: every sample of this label.")
+    since: AwareDatetime | None = Field(default=None, description="kind time_window: samples with timestamp >= since.")
+    until: AwareDatetime | None = Field(default=None, description="kind time_window: samples with timestamp < until.")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> ForgetSelector:
+        given = {f for f in ("sample_ids", "label", "since", "until") if getattr(self, f) is not None}
+        needed = {"samples": {"sample_ids"}, "label": {"label"}, "all": set()}.get(self.kind)
+        if self.kind == "time_window":
+            if not given or given - {"since", "until"}:
+                raise ValueError("a time_window selector takes since and/or until, nothing else")
+            if self.since and self.until and self.since >= self.until:
+                raise ValueError("since must be before until")
+        elif given != needed:
+            raise ValueError(
+                f"a {self.kind} selector takes exactly {sorted(needed) or 'no other field'}, got {sorted(given)}"
+            )
+        if self.kind == "samples" and not self.sample_ids:
+            raise ValueError("a samples selector needs at least one sample id")
+        return self
+
+
+class ForgetRequest(BaseModel):
+    """On `site/<id>/forget/request` (never retained): delete data at a site; signed by the site's operator key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    request_id: MessageId = Field(description="Chosen by the issuer; a request with a seen id is not executed twice.")
+    site_id: SiteId
+    selector: ForgetSelector
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=500)] = Field(
+        description="Why, in words (kept in the site's and the hub's audit trail)."
+    )
+    issued_at: AwareDatetime = Field(description="Refused when older than the site's forget_max_age_s (a replay).")
+    issuer: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
+        description="Who asks: an operator, a data-protection tool, an MES."
+    )
+    signature: Signature = Field(description="By an operator key the site trusts (operator_public_key_files).")
+
+
+class ForgetReceipt(BaseModel):
+    """On `site/<id>/forget/receipt` (never retained): what the site deleted and what replaced its contribution."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    receipt_id: MessageId
+    request_id: MessageId
+    site_id: SiteId
+    request_issued_at: AwareDatetime = Field(description="The request's issued_at, for request-to-receipt latency.")
+    received_at: AwareDatetime = Field(description="When the site persisted the request.")
+    completed_at: AwareDatetime = Field(description="When the deletion and the superseding contribution were done.")
+    samples_deleted: Count = Field(description="Samples deleted: files, index rows, embeddings, held-out samples.")
+    labels_affected: list[Label] = Field(max_length=MAX_LABELS, description="Labels that lost samples.")
+    superseded: MessageId | None = Field(
+        default=None, description="The contribution that carried the deleted data; no model may be trained on it."
+    )
+    contribution_id: MessageId | None = Field(
+        default=None,
+        description="The superseding contribution (a retraction when nothing is left); None if the site "
+        "had contributed nothing.",
+    )
+    public_key: str = Field(max_length=4096, description="The site's public key (PEM); the hub pins it per site.")
+    signature: Signature = Field(description="By the site's own key.")
+
+
+class UnlearningCertificate(BaseModel):
+    """On `hub/certificate`: the hub's signed statement that a model no longer carries some contributions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    certificate_id: MessageId
+    hub_id: SiteId
+    issued_at: AwareDatetime
+    reason: Literal["forget_request", "outdated", "irrelevant"]
+    request_ids: list[MessageId] = Field(description="Forget requests honoured (empty for automatic unlearning).")
+    removed_contributions: list[MessageId] = Field(min_length=1, description="Contributions no longer trained on.")
+    model_version_before: ModelVersionNumber | None
+    model_version_after: ModelVersionNumber
+    model_sha256: Sha256 = Field(description="sha256 of the model_version_after artifact.")
+    trained_on: list[MessageId] = Field(description="Every contribution the new model was trained on.")
+    training_digest: Sha256 = Field(
+        description="sha256 of the canonical list of [contribution_id, statistics sha256] the new model was solved from."
+    )
+    method: Literal["closed_form_exact", "retrain_exact"] = Field(
+        description="closed_form_exact: re-solved from the remaining contributions' additive statistics; "
+        "retrain_exact: retrained from scratch on the remaining synthesis."
+    )
+    verification: dict[str, float] = Field(description="Figures behind the claim (see docs/unlearning.md).")
+    requested_at: AwareDatetime | None = Field(default=None, description="Earliest issued_at of the requests.")
+    signature: Signature = Field(description="By the hub's key, the one that signs model manifests.")
 
 
 ErrorCode = Literal[
@@ -236,6 +407,13 @@ ErrorCode = Literal[
     "site_mismatch",
     "duplicate_id",
     "unknown_supersedes",
+    "group_size",
+    "unknown_model",
+    "retained",
+    "signature",
+    "replay",
+    "unknown_key",
+    "internal",
 ]
 
 
@@ -244,13 +422,20 @@ class ErrorReport(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    error_id: MessageId = Field(default_factory=new_id)
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    error_id: MessageId
     site_id: SiteId
-    at: datetime = Field(default_factory=_now)
+    at: AwareDatetime
     topic: str
     code: ErrorCode
     reason: str
     ref_id: str | None = Field(default=None, description="The rejected payload's own id, when it could be read.")
     payload_sha256: Sha256
-    payload_bytes: int = Field(ge=0)
+    payload_bytes: Count
+
+
+# Every model that travels on a topic, in the order docs/mqtt.md documents them.
+WIRE_MODELS = (
+    "SiteStatus", "Contribution", "Evaluation", "ErrorReport", "HubStatus", "ModelManifest", "ModelChunk",
+    "ForgetRequest", "ForgetReceipt", "UnlearningCertificate",
+)  # fmt: skip

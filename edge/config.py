@@ -49,6 +49,11 @@ class EdgeSettings(BaseSettings):
     settle_s: float = Field(
         default=1.0, ge=0, le=3600, description="Wait this long after the last file change before contributing."
     )
+    hub_public_key_file: Path | None = Field(
+        default=None,
+        description="The hub's Ed25519 public key (PEM) that model manifests must be signed with. When absent, the "
+        "site trusts the key the hub first publishes in hub/status and pins it (trust on first use, logged).",
+    )
     prefer_cuda: bool = Field(default=True, description="Use onnxruntime's CUDA provider when this build has it.")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     topic_prefix: str = Field(default=DEFAULT_PREFIX, description="Prefix of every topic.")

@@ -5,7 +5,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 SENT_KINDS = ("embeddings", "eval", "status")
-RECEIVED_KINDS = ("model", "errors")
+RECEIVED_KINDS = ("model", "errors", "status")
+MESSAGE_KINDS = ("hub_status", "model", "errors")
+OUTCOMES = ("accepted", "duplicate", "rejected")
 
 
 class EdgeMetrics:
@@ -35,8 +37,20 @@ class EdgeMetrics:
             "fedge_edge_hub_errors", "Rejections the hub reported for this site, by code.", ["code"], registry=r
         )
         self.model_rejections = Counter(
-            "fedge_edge_model_rejections", "Delivered models or chunks that failed verification.", registry=r
+            "fedge_edge_model_rejections",
+            "Delivered models, manifests or chunks refused (signature, hash, load).",
+            registry=r,
         )
+        self.messages = Counter(
+            "fedge_edge_messages", "Messages from the hub, by kind and outcome.", ["kind", "result"], registry=r
+        )
+        self.rejections = Counter(
+            "fedge_edge_rejections", "Hub messages refused, by kind and reason code.", ["kind", "code"], registry=r
+        )
+        self.handler_failures = Counter(
+            "fedge_edge_handler_failures", "Messages whose handler failed unexpectedly (acknowledged; see the log).",
+            registry=r,
+        )  # fmt: skip
         self.outbox_depth = Gauge(
             "fedge_edge_outbox_depth", "Payloads waiting for the broker's acknowledgement.", registry=r
         )
@@ -52,5 +66,8 @@ class EdgeMetrics:
             self.sent_bytes.labels(k)
         for k in RECEIVED_KINDS:
             self.received_bytes.labels(k)
+        for k in MESSAGE_KINDS:
+            for res in OUTCOMES:
+                self.messages.labels(k, res)
         for s in ("train", "holdout"):
             self.samples.labels(s)

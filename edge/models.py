@@ -1,4 +1,11 @@
-"""Global models delivered to the site: assembled from chunks, verified (sha256), stored, run with onnxruntime."""
+"""Global models delivered to the site: assembled from chunks, verified, stored, run with onnxruntime.
+
+A site installs only what it verified and loaded: the manifest's signature (checked before any chunk
+is fetched), each chunk's and the whole file's sha256, then an onnxruntime load and a run on a
+sample batch whose output must have the manifest's shape. A model that fails any step stays out and
+the previous one keeps serving. A stored model that no longer loads (a disk fault, an onnxruntime
+upgrade) is set aside on start, so a site never crash-loops on its own state.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +21,8 @@ import onnxruntime as ort
 
 from contract.payloads import ModelChunk, ModelManifest
 from runtime.files import write_dir_atomically
+
+log = logging.getLogger("fedge.edge")
 
 
 class ModelRejected(ValueError):
@@ -71,15 +81,53 @@ class ModelStore:
         d = self.root / f"v{v[-1]:04d}"
         return d / "model.onnx", ModelManifest.model_validate_json((d / "manifest.json").read_bytes())
 
+    def set_aside_unloadable(self) -> list[str]:
+        """Move installed versions that no longer load out of the way (newest first); why, for each one moved."""
+        moved = []
+        for version in reversed(self.versions()):
+            d = self.root / f"v{version:04d}"
+            try:
+                manifest = ModelManifest.model_validate_json((d / "manifest.json").read_bytes())
+                check_runs(manifest, (d / "model.onnx").read_bytes())
+                break
+            except (OSError, ValueError) as err:  # ModelRejected and pydantic's ValidationError are ValueErrors
+                reason = f"stored model v{version} does not load: {err}"
+                d.rename(self.root / f"unloadable-v{version:04d}")
+                log.error("%s; set aside, the previous model serves", reason)
+                moved.append(reason)
+        return moved
+
     def install(self, manifest: ModelManifest, data: bytes) -> Path:
-        """Write a verified model durably; returns its path."""
+        """Write a model durably once it matches its sha256 and runs; returns its path."""
         if hashlib.sha256(data).hexdigest() != manifest.sha256:
             raise ModelRejected(f"model v{manifest.version} does not match its sha256; not installed")
+        check_runs(manifest, data)
         final = self.root / f"v{manifest.version:04d}"
         if (final / "manifest.json").is_file():
             return final / "model.onnx"
         write_dir_atomically(final, {"model.onnx": data, "manifest.json": manifest.model_dump_json(indent=1).encode()})
         return final / "model.onnx"
+
+
+def check_runs(manifest: ModelManifest, data: bytes) -> None:
+    """Load `data` in onnxruntime and run it on a sample batch; ModelRejected unless it answers as the manifest says."""
+    shape = list(manifest.input_shape)
+    if len(shape) != 4 or any(d < 1 for d in shape[1:]) or np.prod(shape[1:]) > 1 << 24:
+        raise ModelRejected(f"model v{manifest.version}: input shape {shape} is not [-1, C, H, W]")
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        sample = np.random.default_rng(0).random((2, *shape[1:]), dtype=np.float32)
+        out = session.run(None, {manifest.input_name: sample})[0]
+    except Exception as err:  # onnxruntime raises its own exception types for every kind of bad model
+        raise ModelRejected(f"model v{manifest.version} does not load or run in onnxruntime: {err}") from None
+    expected = (2, len(manifest.labels))
+    if tuple(np.shape(out)) != expected or not np.all(np.isfinite(out)):
+        raise ModelRejected(
+            f"model v{manifest.version} answers a sample batch with shape {list(np.shape(out))} "
+            f"(finite: {bool(np.all(np.isfinite(out)))}); {list(expected)} of finite logits expected"
+        )
 
 
 class GlobalModel:

@@ -13,14 +13,17 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 from pydantic import ValidationError
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
 import bundled
+from contract import decode, signing
 from contract.layout import read_image, scan
 from contract.payloads import (
+    SCHEMA_VERSION,
     Contribution,
     EncoderStatus,
     ErrorReport,
@@ -28,16 +31,23 @@ from contract.payloads import (
     HubStatus,
     ModelManifest,
     SiteStatus,
+    new_id,
+    now,
 )
 from contract.topics import Topics
 from edge.clip import OnnxClipImageEncoder, OnnxTextEncoder, prompt_for
 from edge.config import EdgeSettings
-from edge.contribution import make_contribution
+from edge.contribution import contribution_id_for, make_contribution
 from edge.encoder import EncoderChoice, choose_encoder
 from edge.metrics import EdgeMetrics
 from edge.models import ChunkAssembler, GlobalModel, ModelRejected, ModelStore
 from edge.store import EdgeStore, IndexedSample
-from runtime.mqtt import Bus, NotConnected
+from runtime.mqtt import Bus, Message, NotConnected
+from runtime.outcomes import Outcome, Rejected, guarded
+
+# Hub messages a site reads are small (a manifest of a large model lists a few hundred chunks).
+MAX_HUB_MESSAGE_BYTES = 1 << 20
+MAX_CHUNK_MESSAGE_BYTES = 64 << 20
 
 log = logging.getLogger("fedge.edge")
 
@@ -74,16 +84,31 @@ class EdgeService:
         # Set once any hub status (retained) has arrived: until a hub has ever subscribed, publishing
         # would reach nobody, so the outbox holds everything.
         self._hub_seen = threading.Event()
+        # Keys that may sign model manifests: the configured file, else the hub key pinned on first use.
+        self._trusted: dict[str, signing.Ed25519PublicKey] = {}
+        if s.hub_public_key_file is not None:
+            key = signing.load_public_key(s.hub_public_key_file)
+            self._trusted[signing.key_id(key)] = key
+        elif (pinned := self.store.get("hub_public_key")) is not None:
+            key = signing.parse_public_pem(pinned)
+            self._trusted[signing.key_id(key)] = key
+        self._unverified_manifest: bytes | None = None  # a manifest that came before any trusted key
         self.bus = Bus(
             f"fedge-edge-{s.site_id}",
             s.broker,
             will=(
                 self.topics.site(s.site_id, "status"),
-                SiteStatus(site_id=s.site_id, state="offline").model_dump_json().encode(),
+                SiteStatus(message_id=new_id(), site_id=s.site_id, state="offline", at=now())
+                .model_dump_json()
+                .encode(),
             ),
             on_connect=self._status_dirty.set,
             on_state=self._on_state,
+            on_handler_error=lambda msg, err: self.metrics.handler_failures.inc(),
         )
+        for reason in self.models.set_aside_unloadable():
+            self.metrics.model_rejections.inc()
+            self.store.set("model_error", reason)
         current = self.models.current()
         self.metrics.model_version.set(current[1].version if current else 0)
 
@@ -98,8 +123,11 @@ class EdgeService:
         current = self.models.current()
         enc = self.text_encoder or self.clip_image or self.encoder
         return SiteStatus(
+            message_id=new_id(),
             site_id=self.settings.site_id,
             state=state,
+            at=now(),
+            model_error=self.store.get("model_error"),
             encoder=EncoderStatus(encoder_id=enc.encoder_id, variant=enc.variant, provider=enc.provider)
             if enc
             else None,
@@ -130,23 +158,52 @@ class EdgeService:
         self.metrics.sent_bytes.labels("status").inc(len(payload))
 
     # --- inbound (paho network thread: parse, verify, queue) ---
+    def handlers(self) -> dict[str, Callable[[Message], None]]:
+        """The handler of each hub message kind the site reads, in subscription order (bench/fuzz drives these)."""
+        return {
+            "hub_status": guarded("hub_status", self._on_hub_status, self._report),
+            "model": guarded("model", self._on_manifest, self._report),
+            "errors": guarded("errors", self._on_error, self._report),
+        }
+
     def _subscribe(self) -> None:
-        s, t = self.settings, self.topics
-        self.bus.subscribe(t.hub_model, self._on_manifest)
-        self.bus.subscribe(t.hub_status, self._on_hub_status)
-        self.bus.subscribe(t.site(s.site_id, "errors"), self._on_error)
+        t, h = self.topics, self.handlers()
+        # hub/status first: its retained message carries the key that manifests are checked against.
+        self.bus.subscribe(t.hub_status, h["hub_status"])
+        self.bus.subscribe(t.hub_model, h["model"])
+        self.bus.subscribe(t.site(self.settings.site_id, "errors"), h["errors"])
 
-    def _received(self, kind: str, n: int) -> None:
-        self.metrics.received_bytes.labels(kind).inc(n)
-        self.store.add_bytes("bytes_received", kind, n)
-
-    def _on_hub_status(self, topic: str, payload: bytes) -> None:
-        """A hub that comes online may have missed what was published before it subscribed: resend the latest."""
-        try:
-            status = HubStatus.model_validate_json(payload)
-        except ValidationError:
-            log.error("unreadable hub status on %s", topic)
+    def _report(self, kind: str, msg: Message, outcome: Outcome, err: Rejected | None) -> None:
+        """Every hub message ends accepted, duplicate or rejected (counted, logged; a refused model is in the status)."""
+        received = "model" if kind == "model" else "errors" if kind == "errors" else "status"
+        self.metrics.received_bytes.labels(received).inc(len(msg.payload))
+        self.store.add_bytes("bytes_received", received, len(msg.payload))
+        self.metrics.messages.labels(kind, outcome).inc()
+        if err is None:
             return
+        self.metrics.rejections.labels(kind, err.code).inc()
+        log.error("refused %s message on %s: %s: %s", kind, msg.topic[:200], err.code, err.reason)
+        if kind == "model":
+            self.metrics.model_rejections.inc()
+            self.store.set("model_error", err.reason)
+            self._status_dirty.set()
+
+    @staticmethod
+    def _decode(payload: bytes, max_bytes: int = MAX_HUB_MESSAGE_BYTES) -> dict:
+        try:
+            return decode.loads(payload, max_bytes, schema_version=SCHEMA_VERSION)
+        except decode.PayloadError as err:
+            raise Rejected(err.code, err.reason) from None
+
+    def _on_hub_status(self, msg: Message) -> Outcome:
+        """A hub that comes online may have missed what was published before it subscribed: resend the latest."""
+        if not msg.payload:
+            return "accepted"  # a retained status being cleared
+        try:
+            status = HubStatus.model_validate(self._decode(msg.payload))
+        except ValidationError as err:
+            raise Rejected("invalid", f"hub status: {err.errors()[0]['msg']}") from None
+        self._trust_on_first_use(status)
         if status.state == "online" and status.session_id != self.store.get("hub_session"):
             self.store.set("hub_session", status.session_id)
             resent = self.store.requeue_latest()  # before the outbox opens, so nothing goes out twice
@@ -154,23 +211,56 @@ class EdgeService:
                 log.info("hub %s is online: resending the latest %s", status.hub_id, " and ".join(resent))
         self._hub_seen.set()
         self._outbox_wake.set()
+        pending, self._unverified_manifest = self._unverified_manifest, None
+        if pending is not None and self._trusted:
+            guarded("model", self._on_manifest, self._report)(Message(self.topics.hub_model, pending))
+        return "accepted"
 
-    def _on_manifest(self, topic: str, payload: bytes) -> None:
-        if not payload:
+    def _trust_on_first_use(self, status: HubStatus) -> None:
+        """Pin the hub's key from its status when no key is configured and none is pinned yet."""
+        if status.public_key is None or self._trusted:
+            if status.key_id is not None and self._trusted and status.key_id not in self._trusted:
+                log.error(
+                    "the hub now signs with key %s, which this site does not trust (trusted: %s); its models will be "
+                    "refused until hub_public_key_file names the new key", status.key_id, ", ".join(self._trusted),
+                )  # fmt: skip
             return
-        self._received("model", len(payload))
         try:
-            manifest = ModelManifest.model_validate_json(payload)
-        except ValidationError as err:
-            self.metrics.model_rejections.inc()
-            log.error("ignoring an invalid model manifest: %s", err.errors()[0]["msg"])
+            key = signing.parse_public_pem(status.public_key)
+        except ValueError as err:
+            log.error("hub status carries an unusable public key: %s", err)
             return
+        self.store.set("hub_public_key", status.public_key)
+        self._trusted[signing.key_id(key)] = key
+        log.warning(
+            "trusting the hub's key %s on first use (pinned in the site's state); set hub_public_key_file to name it",
+            signing.key_id(key),
+        )
+
+    def _on_manifest(self, msg: Message) -> Outcome:
+        if not msg.payload:
+            return "accepted"  # a retained manifest being cleared
+        body = self._decode(msg.payload)
+        if not self._trusted:
+            self._unverified_manifest = msg.payload  # checked once hub/status brings a key to pin
+            log.info("a model manifest arrived before any trusted hub key; it waits for the hub's status")
+            return "accepted"
+        try:
+            signing.verify(body, self._trusted)
+        except signing.SignatureError as err:
+            raise Rejected("signature", f"model manifest refused: {err}") from None
+        try:
+            manifest = ModelManifest.model_validate(body)
+        except ValidationError as err:
+            raise Rejected("invalid", f"model manifest refused: {err.errors()[0]['msg']}") from None
         current = self.models.current()
         if current is not None and manifest.version <= current[1].version:
-            return
+            return "duplicate"
+        if self.store.get("rejected_model") == f"{manifest.version}:{manifest.sha256}":
+            return "duplicate"  # refused once already; the retained manifest comes back on every reconnect
         with self._assembler_lock:
             if self._assembler is not None and self._assembler.manifest.version >= manifest.version:
-                return
+                return "duplicate"
             if self._assembler is not None:
                 self.bus.unsubscribe(self.topics.model_chunks(self._assembler.manifest.version))
             self._assembler = ChunkAssembler(manifest)
@@ -180,36 +270,46 @@ class EdgeService:
             manifest.size_bytes,
             len(manifest.chunks),
         )
-        self.bus.subscribe(self.topics.model_chunks(manifest.version), self._on_chunk)
+        self.bus.subscribe(self.topics.model_chunks(manifest.version), guarded("model", self._on_chunk, self._report))
+        return "accepted"
 
-    def _on_chunk(self, topic: str, payload: bytes) -> None:
-        if not payload:
-            return  # a retired chunk being cleared
-        self._received("model", len(payload))
+    def _on_chunk(self, msg: Message) -> Outcome:
+        if not msg.payload:
+            return "accepted"  # a retired chunk being cleared
         with self._assembler_lock:
             asm = self._assembler
             if asm is None:
-                return
+                return "duplicate"
+            if len(msg.payload) > MAX_CHUNK_MESSAGE_BYTES:
+                raise Rejected("oversize", f"chunk message of {len(msg.payload)} bytes is larger than any chunk")
             try:
-                complete = asm.add(payload)
-            except (ModelRejected, ValidationError) as err:
-                self.metrics.model_rejections.inc()
-                log.error("model chunk on %s rejected: %s", topic, err)
-                return
+                complete = asm.add(msg.payload)
+            except ModelRejected as err:
+                raise Rejected("invalid", str(err)) from None
+            except ValidationError as err:
+                raise Rejected("invalid", f"model chunk: {err.errors()[0]['msg']}") from None
             if complete:
                 self._assembler = None
                 self.bus.unsubscribe(self.topics.model_chunks(asm.manifest.version))
                 self._jobs.put(("install", asm))
+        return "accepted"
 
-    def _on_error(self, topic: str, payload: bytes) -> None:
-        self._received("errors", len(payload))
+    def _reject_model(self, reason: str, manifest: ModelManifest) -> None:
+        """A received model that is not installed: counted, logged, shown in the status; the previous one serves."""
+        self.metrics.model_rejections.inc()
+        log.error("%s; the installed model keeps serving", reason)
+        self.store.set("model_error", reason)
+        self.store.set("rejected_model", f"{manifest.version}:{manifest.sha256}")
+        self._status_dirty.set()
+
+    def _on_error(self, msg: Message) -> Outcome:
         try:
-            report = ErrorReport.model_validate_json(payload)
-        except ValidationError:
-            log.error("unreadable message on %s", topic)
-            return
+            report = ErrorReport.model_validate(self._decode(msg.payload))
+        except ValidationError as err:
+            raise Rejected("invalid", f"error report: {err.errors()[0]['msg']}") from None
         self.metrics.hub_errors.labels(report.code).inc()
         log.error("hub rejected %s: %s: %s", report.ref_id or "a message", report.code, report.reason)
+        return "accepted"
 
     # --- outbox thread ---
     def _outbox_loop(self) -> None:
@@ -339,8 +439,9 @@ class EdgeService:
                 s.site_id, encoder_id, emb, labels, k=s.k, min_group_size=s.min_group_size, supersedes=previous
             )
         else:
-            c = Contribution(site_id=s.site_id, encoder_id=encoder_id, k=s.k, min_group_size=s.min_group_size,
-                             supersedes=previous, labels=[])  # fmt: skip
+            cid = contribution_id_for(s.site_id, encoder_id, s.k, s.min_group_size, previous, [])
+            c = Contribution(contribution_id=cid, site_id=s.site_id, encoder_id=encoder_id, created_at=now(), k=s.k,
+                             min_group_size=s.min_group_size, supersedes=previous, labels=[])  # fmt: skip
         payload = c.to_json_bytes()
         self.store.enqueue(
             c.contribution_id, "embeddings", self.topics.site(s.site_id, "embeddings"), payload,
@@ -363,9 +464,10 @@ class EdgeService:
         try:
             path = self.models.install(asm.manifest, asm.assemble())
         except ModelRejected as err:
-            self.metrics.model_rejections.inc()
-            log.error("%s", err)
+            self._reject_model(str(err), asm.manifest)
             return
+        self.store.delete("model_error")
+        self._status_dirty.set()
         self.metrics.model_version.set(asm.manifest.version)
         log.info(
             "model v%d verified (sha256 %s…) and installed at %s", asm.manifest.version, asm.manifest.sha256[:12], path
@@ -381,8 +483,9 @@ class EdgeService:
         samples, images = self._read(self.store.samples(holdout=True), manifest.input_shape[-1])
         acc = GlobalModel.from_manifest(path, manifest).accuracy(images, [x.label for x in samples])
         e = Evaluation(
-            site_id=self.settings.site_id, model_version=manifest.version, samples=len(samples), accuracy=acc
-        )
+            eval_id=new_id(), site_id=self.settings.site_id, model_version=manifest.version, at=now(),
+            samples=len(samples), accuracy=acc,
+        )  # fmt: skip
         self.store.enqueue(e.eval_id, "eval", self.topics.site(self.settings.site_id, "eval"), e.model_dump_json().encode(),
                            meta={"evaluated_version": str(manifest.version)})  # fmt: skip
         if acc is not None:

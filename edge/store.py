@@ -109,6 +109,11 @@ class EdgeStore:
         with self._lock:
             self._set(key, value)
 
+    def delete(self, key: str) -> None:
+        """Remove a meta value."""
+        with self._lock:
+            self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     def counters(self, name: str) -> dict[str, int]:
         """A JSON dict of byte counters kept in meta."""
         return json.loads(self.get(name, "{}") or "{}")

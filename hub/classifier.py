@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,8 +52,12 @@ def train_classifier(
     balance: bool = True,
     model: SmallCNN | None = None,
     augment: bool = True,
+    checkpoint: Callable[[], None] | None = None,
 ) -> SmallCNN:
-    """Train (or continue training) a SmallCNN; `balance` weights classes inversely to frequency."""
+    """Train (or continue training) a SmallCNN; `balance` weights classes inversely to frequency.
+
+    `checkpoint` is called between batches; it raises to abandon training (a service stopping).
+    """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = model or SmallCNN(images.shape[-1], n_classes)
@@ -67,6 +73,8 @@ def train_classifier(
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch_size):
+            if checkpoint is not None:
+                checkpoint()
             idx = order[i : i + batch_size]
             xb = shift_augment(x[idx], gen) if augment else x[idx]
             loss = F.cross_entropy(model(xb), y[idx], weight=weight)

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from contract.payloads import SiteId
 from contract.topics import DEFAULT_PREFIX, SHARE_GROUP
 from hub.delivery import DEFAULT_CHUNK_BYTES
-from hub.intake import DEFAULT_MAX_PAYLOAD_BYTES
+from hub.intake import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MIN_GROUP_SIZE
 from runtime.mqtt import BrokerSettings
 
 
@@ -81,6 +81,23 @@ class HubSettings(BaseSettings):
     max_payload_bytes: int = Field(
         default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1024, description="Larger payloads are rejected."
     )
+    min_group_size: int = Field(
+        default=DEFAULT_MIN_GROUP_SIZE,
+        ge=1,
+        le=10**6,
+        description="Fewest samples every prototype must average, whatever an upload declares (else: group_size).",
+    )
+    signing_key_file: Path | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM, PKCS#8) that signs model manifests and unlearning certificates; "
+        "default <state_dir>/keys/hub-signing.pem, created with its .pub.pem on first start.",
+    )
+    intake_stall_s: float = Field(
+        default=60.0, gt=0, le=3600, description="/healthz turns unhealthy when one message takes longer than this."
+    )
+    stop_grace_s: float = Field(
+        default=5.0, gt=0, le=300, description="How long a stop waits for a round to reach a safe point."
+    )
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=16 * 1024 * 1024, description="Model chunk size.")
     metrics_host: str = Field(default="0.0.0.0", description="Address of /metrics and /healthz.")
     metrics_port: int | None = Field(
@@ -96,3 +113,7 @@ class HubSettings(BaseSettings):
                 "backend stable-diffusion needs stable_diffusion.model_dir and stable_diffusion.encoders_dir"
             )
         return self
+
+    def signing_key_path(self) -> Path:
+        """Where the hub's signing key is (or will be created)."""
+        return self.signing_key_file or self.state_dir / "keys" / "hub-signing.pem"

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from datetime import datetime
 
 import numpy as np
 import onnx
 
-from contract.payloads import ChunkRef, ModelChunk, ModelManifest
+from contract import signing
+from contract.payloads import ChunkRef, ModelChunk, ModelManifest, new_id
 from contract.topics import Topics
 from hub.registry import ModelVersion
 
@@ -27,9 +29,13 @@ def onnx_parameters(model_bytes: bytes) -> int:
 
 
 def model_messages(
-    version: ModelVersion, topics: Topics, encoder_id: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> tuple[ModelManifest, list[tuple[str, bytes]]]:
-    """The manifest and the (topic, payload) chunk messages that deliver one model version."""
+    version: ModelVersion,
+    topics: Topics,
+    encoder_id: str,
+    signing_key: signing.Ed25519PrivateKey,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[ModelManifest, bytes, list[tuple[str, bytes]]]:
+    """The signed manifest (as a model and as the exact bytes to publish) and the chunk messages of one version."""
     data = version.path.read_bytes()
     if hashlib.sha256(data).hexdigest() != version.sha256:
         raise RuntimeError(f"model v{version.version} on disk does not match its registry sha256")
@@ -44,22 +50,28 @@ def model_messages(
         for i, p in enumerate(pieces)
     ]
     meta = version.manifest
-    manifest = ModelManifest(
-        version=version.version,
-        created_at=datetime.fromisoformat(meta["created_at"]),
-        sha256=version.sha256,
-        size_bytes=len(data),
-        chunks=[
-            ChunkRef(index=i, size_bytes=len(p), sha256=hashlib.sha256(p).hexdigest()) for i, p in enumerate(pieces)
+    body = {
+        "schema_version": 1,
+        "message_id": new_id(),
+        "version": version.version,
+        "created_at": datetime.fromisoformat(meta["created_at"]).isoformat(),
+        "format": "onnx",
+        "sha256": version.sha256,
+        "size_bytes": len(data),
+        "chunks": [
+            ChunkRef(index=i, size_bytes=len(p), sha256=hashlib.sha256(p).hexdigest()).model_dump()
+            for i, p in enumerate(pieces)
         ],
-        labels=meta["labels"],
-        input_name=meta["input"]["name"],
-        input_shape=meta["input"]["shape"],
-        encoder_id=encoder_id,
-        contributions=meta["contributions"],
-        fedavg_round_bytes=2 * 4 * onnx_parameters(data),  # float32 weights, up and down
-    )
-    return manifest, messages
+        "labels": meta["labels"],
+        "input_name": meta["input"]["name"],
+        "input_shape": meta["input"]["shape"],
+        "encoder_id": encoder_id,
+        "contributions": meta["contributions"],
+        "fedavg_round_bytes": 2 * 4 * onnx_parameters(data),  # float32 weights, up and down
+    }
+    signed = signing.sign(body, signing_key)
+    manifest = ModelManifest.model_validate(signed)  # the exact object signed, checked against the contract
+    return manifest, json.dumps(signed, separators=(",", ":")).encode(), messages
 
 
 def clear_messages(version: ModelVersion, topics: Topics, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[str]:

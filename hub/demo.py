@@ -33,7 +33,7 @@ from contract.payloads import Evaluation, ModelManifest, SiteStatus
 from contract.topics import Topics
 from edge.models import GlobalModel
 from hub import datasets
-from runtime.mqtt import BrokerSettings, Bus
+from runtime.mqtt import BrokerSettings, Bus, Message
 
 
 def free_port() -> int:
@@ -117,19 +117,19 @@ class Observer:
         bus.subscribe(topics.all_sites("eval"), self._eval)
         bus.subscribe(topics.hub_model, self._model)
 
-    def _status(self, topic: str, payload: bytes) -> None:
-        s = SiteStatus.model_validate_json(payload)
+    def _status(self, msg: Message) -> None:
+        s = SiteStatus.model_validate_json(msg.payload)
         self.statuses[s.site_id] = s
         self.changed.set()
 
-    def _eval(self, topic: str, payload: bytes) -> None:
-        e = Evaluation.model_validate_json(payload)
+    def _eval(self, msg: Message) -> None:
+        e = Evaluation.model_validate_json(msg.payload)
         self.evals[(e.site_id, e.model_version)] = e
         self.changed.set()
 
-    def _model(self, topic: str, payload: bytes) -> None:
-        if payload:
-            self.manifest = ModelManifest.model_validate_json(payload)
+    def _model(self, msg: Message) -> None:
+        if msg.payload:
+            self.manifest = ModelManifest.model_validate_json(msg.payload)
             self.changed.set()
 
     def done(self, sites: list[str]) -> bool:

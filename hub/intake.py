@@ -6,38 +6,30 @@ Pure functions over bytes; the hub service turns a `Rejected` into an `ErrorRepo
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from contract.payloads import SCHEMA_VERSION, Contribution, ErrorCode, Evaluation
+from contract import decode
+from contract.payloads import SCHEMA_VERSION, Contribution, Evaluation
+from runtime.outcomes import Rejected
+
+__all__ = ["Rejected", "parse_contribution", "parse_evaluation"]
 
 # A contribution is a few KB (16 prototypes x 10 labels x 32 dims in float16 is about 14 KB of JSON).
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
+DEFAULT_MIN_GROUP_SIZE = 5
 M = TypeVar("M", bound=BaseModel)
 
 
-class Rejected(Exception):
-    """A payload the hub refuses, with a machine-readable code and a sentence for people."""
-
-    def __init__(self, code: ErrorCode, reason: str, ref_id: str | None = None):
-        super().__init__(f"{code}: {reason}")
-        self.code, self.reason, self.ref_id = code, reason, ref_id
-
-
 def _decode(payload: bytes, max_bytes: int, id_field: str) -> dict[str, Any]:
-    if len(payload) > max_bytes:
-        raise Rejected("oversize", f"payload is {len(payload)} bytes; at most {max_bytes} are accepted")
     try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise Rejected("not_json", f"payload is not UTF-8 JSON: {err}") from None
-    if not isinstance(body, dict):
-        raise Rejected("invalid", f"payload must be a JSON object, got {type(body).__name__}")
+        body = decode.loads(payload, max_bytes)
+    except decode.PayloadError as err:
+        raise Rejected(err.code, err.reason) from None
     ref = body.get(id_field) if isinstance(body.get(id_field), str) else None
     version = body.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise Rejected(
             "schema_version", f"schema_version {version!r} is not supported; this hub reads {SCHEMA_VERSION}", ref
         )
@@ -73,11 +65,27 @@ def _parse(payload: bytes, topic_site: str, model: type[M], id_field: str, max_b
 
 
 def parse_contribution(
-    payload: bytes, topic_site: str, encoders: dict[str, int], max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    payload: bytes,
+    topic_site: str,
+    encoders: dict[str, int],
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    min_group_size: int = DEFAULT_MIN_GROUP_SIZE,
 ) -> Contribution:
-    """Validate an `embeddings` payload from `topic_site` against the encoders this hub accepts (id -> dim)."""
+    """Validate an `embeddings` payload from `topic_site` against the encoders this hub accepts (id -> dim).
+
+    The hub enforces its own `min_group_size` whatever the upload declares: a prototype of fewer
+    samples is close to a raw embedding, which an embedding-conditioned generator can invert.
+    """
     c = _parse(payload, topic_site, Contribution, "contribution_id", max_bytes)
     ref = c.contribution_id
+    smallest = min((n for lp in c.labels for n in lp.counts), default=None)
+    if c.min_group_size < min_group_size or (smallest is not None and smallest < min_group_size):
+        raise Rejected(
+            "group_size",
+            f"every prototype must average at least {min_group_size} samples for this hub; the upload declares "
+            f"min_group_size={c.min_group_size} and its smallest prototype averages {smallest}",
+            ref,
+        )
     if c.encoder_id not in encoders:
         known = ", ".join(sorted(encoders)) or "none"
         raise Rejected("unknown_encoder", f"encoder {c.encoder_id!r} is not served by this hub (known: {known})", ref)
@@ -90,6 +98,14 @@ def parse_contribution(
     return c
 
 
-def parse_evaluation(payload: bytes, topic_site: str, max_bytes: int = 16 * 1024) -> Evaluation:
-    """Validate an `eval` payload from `topic_site`."""
-    return _parse(payload, topic_site, Evaluation, "eval_id", max_bytes)
+def parse_evaluation(
+    payload: bytes, topic_site: str, model_versions: set[int] | None = None, max_bytes: int = 16 * 1024
+) -> Evaluation:
+    """Validate an `eval` payload from `topic_site`; with `model_versions`, the version must be one of them."""
+    e = _parse(payload, topic_site, Evaluation, "eval_id", max_bytes)
+    if model_versions is not None and e.model_version not in model_versions:
+        newest = max(model_versions, default=None)
+        raise Rejected(
+            "unknown_model", f"model version {e.model_version} was never published here (newest: {newest})", e.eval_id
+        )
+    return e

@@ -127,10 +127,12 @@ class Ledger:
         sha = hashlib.sha256(payload).hexdigest()
         with self._tx():
             row = self._db.execute(
-                "SELECT payload_sha256, site_id FROM contributions WHERE contribution_id = ?", (c.contribution_id,)
+                "SELECT payload_sha256, site_id, payload FROM contributions WHERE contribution_id = ?",
+                (c.contribution_id,),
             ).fetchone()
             if row is not None:
-                if row[0] == sha and row[1] == c.site_id:
+                same = row[0] == sha or Contribution.model_validate_json(row[2]).content_sha256() == c.content_sha256()
+                if same and row[1] == c.site_id:
                     return False
                 raise Rejected(
                     "duplicate_id",
@@ -200,12 +202,18 @@ class Ledger:
     # --- rejections and evaluations ---
     def reject(self, report: ErrorReport) -> None:
         """Record why a payload was refused."""
+        self.reject_raw(report.error_id, report.site_id, report.topic, report.code, report.reason, report.ref_id,
+                        report.payload_sha256, report.payload_bytes)  # fmt: skip
+
+    def reject_raw(
+        self, error_id: str, site_id: str, topic: str, code: str, reason: str, ref_id: str | None, sha: str, n: int
+    ) -> None:
+        """Record a refusal that has no ErrorReport (a topic no site may use has no site id and no errors topic)."""
         with self._tx():
             self._db.execute(
                 "INSERT OR IGNORE INTO rejections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (report.error_id, report.at.isoformat(), report.site_id, report.topic, report.code, report.reason,
-                 report.ref_id, report.payload_sha256, report.payload_bytes),
-            )  # fmt: skip
+                (error_id, _now(), site_id, topic[:512], code, reason[:2000], ref_id, sha, n),
+            )
 
     def rejections(self) -> list[dict]:
         """Every recorded rejection, oldest first."""
@@ -271,15 +279,31 @@ class Ledger:
             )
             self._decide("round", str(round_id), {"model_version": model_version, "error": error})
 
-    def fail_interrupted_rounds(self) -> int:
-        """Rounds left 'running' by a crash are failed on start (the next round redoes the work)."""
+    def interrupt_round(self, round_id: int, reason: str) -> int:
+        """Record a running round as failed by a stop and request it again; the new round's id."""
         with self._tx():
-            cur = self._db.execute(
-                "UPDATE rounds SET state = 'failed', finished_at = ?, error = 'hub stopped during the round' "
-                "WHERE state = 'running'",
-                (_now(),),
+            self._db.execute(
+                "UPDATE rounds SET state = 'failed', finished_at = ?, error = ? WHERE round_id = ? AND state = 'running'",
+                (_now(), reason, round_id),
             )
-            return cur.rowcount
+            open_ = self._db.execute("SELECT round_id FROM rounds WHERE state = 'requested'").fetchone()
+            if open_ is not None:
+                redo = int(open_[0])
+            else:
+                redo = int(self._db.execute(
+                    "INSERT INTO rounds (requested_at, trigger, state) VALUES (?, ?, 'requested')",
+                    (_now(), f"redo:{round_id}"),
+                ).lastrowid)  # fmt: skip
+            self._decide("round", str(round_id), {"interrupted": reason, "redo": redo})
+            return redo
+
+    def redo_interrupted_rounds(self) -> list[int]:
+        """On start: rounds left 'running' by a crash or a stop are failed and requested again; their ids."""
+        with self._lock:
+            ids = [int(r[0]) for r in self._db.execute("SELECT round_id FROM rounds WHERE state = 'running'")]
+        for round_id in ids:
+            self.interrupt_round(round_id, "hub stopped during the round; redone on the next start")
+        return ids
 
     def rounds(self) -> list[RoundRow]:
         """Every round, oldest first."""

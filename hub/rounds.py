@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,27 +44,47 @@ def label_space(contributions: list[Contribution]) -> tuple[str, ...]:
 
 
 def train_on_synthetic(
-    synthetic: SyntheticSet, label_names: tuple[str, ...], image_size: int, cfg: TrainConfig
+    synthetic: SyntheticSet,
+    label_names: tuple[str, ...],
+    image_size: int,
+    cfg: TrainConfig,
+    checkpoint: Callable[[], None] | None = None,
 ) -> SmallCNN:
     """Train the global classifier on a synthetic set (classes balanced by loss weights)."""
     if len(synthetic.labels) == 0:
         raise ValueError("no synthetic samples to train on: every contribution was empty")
+    if synthetic.images.shape[-1] != image_size:
+        raise ValueError(f"synthetic images are {synthetic.images.shape[-1]} px wide, the model takes {image_size}")
     index = {name: i for i, name in enumerate(label_names)}
     y = np.array([index[label] for label in synthetic.labels], np.int64)
     return train_classifier(
-        synthetic.images, y, len(label_names), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-        model=SmallCNN(image_size, len(label_names)),
-    )  # fmt: skip
+        synthetic.images,
+        y,
+        len(label_names),
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        checkpoint=checkpoint,
+    )  # fmt: skip  (the model is built by train_classifier after it seeds torch: same seed, same weights)
 
 
-def run_round(contributions: list[Contribution], synthesizer: Synthesizer, cfg: TrainConfig) -> RoundResult:
-    """Synthesize every contribution (in contribution-id order, so arrival order does not matter) and train."""
+def run_round(
+    contributions: list[Contribution],
+    synthesizer: Synthesizer,
+    cfg: TrainConfig,
+    checkpoint: Callable[[], None] | None = None,
+) -> RoundResult:
+    """Synthesize every contribution (in contribution-id order, so arrival order does not matter) and train.
+
+    `checkpoint` is called between batches of both phases; it raises to abandon the round.
+    """
     ordered = sorted(contributions, key=lambda c: c.contribution_id)
     t0 = time.perf_counter()
-    synthetic = synthesizer.synthesize_all(ordered)
+    synthetic = synthesizer.synthesize_all(ordered, checkpoint)
     t1 = time.perf_counter()
     names = label_space(ordered)
-    model = train_on_synthetic(synthetic, names, synthesizer.foundation.image_size, cfg)
+    model = train_on_synthetic(synthetic, names, synthesizer.foundation.image_size, cfg, checkpoint)
     return RoundResult(model, names, synthetic, t1 - t0, time.perf_counter() - t1)
 
 

@@ -11,9 +11,11 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from contract.payloads import ErrorReport, HubStatus, ModelManifest, new_id
+from contract import signing
+from contract.payloads import EncoderInfo, ErrorReport, HubStatus, ModelManifest, new_id, now
 from contract.topics import Topics
 from hub.config import HubSettings
 from hub.delivery import clear_messages, model_messages
@@ -21,10 +23,15 @@ from hub.intake import Rejected, parse_contribution, parse_evaluation
 from hub.ledger import Ledger
 from hub.metrics import HubMetrics
 from hub.registry import ModelRegistry, ModelVersion
-from runtime.mqtt import Bus, NotConnected
+from runtime.mqtt import Bus, Message, NotConnected
+from runtime.outcomes import Outcome, guarded
 
 log = logging.getLogger("fedge.hub")
 ROUND_RETRY_S = 60.0
+
+
+class Stopping(Exception):
+    """Raised at a safe point of a round when the service is asked to stop."""
 
 
 def resolve_device(name: str) -> str:
@@ -69,6 +76,11 @@ class HubService:
         self.encoders = {self.foundation.encoder_id: self.foundation.dim}
         self.train_config = TrainConfig(epochs=syn.epochs, seed=syn.seed)
         self.metrics.watch_ledger(self.ledger.counts_by_state)
+        self.signing_key, created = signing.load_or_create_private_key(s.signing_key_path())
+        self.key_id = signing.key_id(self.signing_key.public_key())
+        if created:
+            log.warning("created the hub's signing key %s at %s (public half beside it: give it to the sites)",
+                        self.key_id, s.signing_key_path())  # fmt: skip
         self.stop_event = threading.Event()
         self._republish = threading.Event()
         self._pending_since: float | None = None
@@ -81,6 +93,7 @@ class HubService:
             will=(self.topics.hub_status, self._status("offline").model_dump_json().encode()),
             on_connect=self._on_connect,
             on_state=lambda up: self.metrics.connected.set(1 if up else 0),
+            on_handler_error=lambda msg, err: self.metrics.rejections.labels("internal").inc(),
         )
         latest = self.registry.latest()
         if latest is not None:
@@ -90,11 +103,17 @@ class HubService:
     def _status(self, state: str) -> HubStatus:
         latest = self.registry.latest()
         return HubStatus(
+            message_id=new_id(),
             hub_id=self.settings.hub_id,
             session_id=self.session_id,
             state=state,
+            at=now(),
             model_version=latest.version if latest else None,
             active_contributions=self.ledger.counts_by_state()["active"],
+            encoders=[EncoderInfo(encoder_id=e, dim=d) for e, d in sorted(self.encoders.items())],
+            min_group_size=self.settings.min_group_size,
+            key_id=self.key_id,
+            public_key=signing.public_pem(self.signing_key.public_key()),
         )
 
     def _publish_status(self, state: str) -> None:
@@ -107,10 +126,13 @@ class HubService:
             log.warning("hub status not published: %s", err)
 
     def health(self) -> tuple[bool, dict]:
-        """For /healthz: healthy while connected to the broker."""
+        """For /healthz: healthy while connected to the broker and no message has been stuck in intake too long."""
         latest = self.registry.latest()
-        return self.bus.connected, {
+        busy = self.bus.handler_busy_for()
+        stalled = busy > self.settings.intake_stall_s
+        return self.bus.connected and not stalled, {
             "broker_connected": self.bus.connected,
+            "intake_stalled_s": round(busy, 1) if stalled else 0,
             "state": self._state,
             "model_version": latest.version if latest else None,
         }
@@ -120,81 +142,88 @@ class HubService:
         self.session_id = new_id()
         self._republish.set()  # the broker may have lost its retained messages: the main loop republishes
 
+    def handlers(self) -> dict[str, Callable[[Message], None]]:
+        """The intake handler of each site message kind the hub reads (bench/fuzz drives these directly)."""
+        return {
+            kind: guarded(kind, self._from_site(apply), self._report)
+            for kind, apply in (("embeddings", self._ingest_contribution), ("eval", self._ingest_evaluation))
+        }
+
     def _subscribe(self) -> None:
         t, v5 = self.topics, self.bus.v5
-        for kind, handler in (("embeddings", self._on_embeddings), ("eval", self._on_eval)):
+        for kind, handler in self.handlers().items():
             f = t.all_sites(kind)
             self.bus.subscribe(t.shared(f, self.settings.share_group) if v5 else f, handler)
 
-    def _reject(self, topic: str, site_id: str, payload: bytes, err: Rejected, kind: str) -> None:
-        report = ErrorReport(
-            site_id=site_id,
-            topic=topic,
-            code=err.code,
-            reason=err.reason,
-            ref_id=err.ref_id if err.ref_id and len(err.ref_id) <= 64 else None,
-            payload_sha256=hashlib.sha256(payload).hexdigest(),
-            payload_bytes=len(payload),
-        )
-        self.ledger.reject(report)
-        self.metrics.messages.labels(kind, "rejected").inc()
+    def _from_site(self, apply: Callable[[str, bytes], Outcome]) -> Callable[[Message], Outcome]:
+        """Checks every site message needs before `apply(site_id, payload)`: a valid site topic, not a retained replay."""
+
+        def checked(msg: Message) -> Outcome:
+            parsed = self.topics.parse_site(msg.topic)
+            if parsed is None:
+                raise Rejected(
+                    "invalid", f"{msg.topic[:200]!r} is not a valid site topic; no errors topic to answer on"
+                )
+            if msg.retain:
+                raise Rejected(
+                    "retained",
+                    "a retained message on a site topic is replayed on every subscribe and is ignored; publish "
+                    "without retain, and clear this one by publishing an empty retained message to the topic",
+                )
+            return apply(parsed[0], msg.payload)
+
+        return checked
+
+    def _report(self, kind: str, msg: Message, outcome: Outcome, err: Rejected | None) -> None:
+        """Count every outcome; record a rejection in the ledger and answer it on the sender's `errors` topic."""
+        self.metrics.received_bytes.labels(kind).inc(len(msg.payload))
+        self.metrics.messages.labels(kind, outcome).inc()
+        if err is None:
+            return
         self.metrics.rejections.labels(err.code).inc()
+        parsed = self.topics.parse_site(msg.topic)
+        site_id = parsed[0] if parsed else None
+        log.warning("rejected %s from %s: %s: %s", kind, site_id or msg.topic[:120], err.code, err.reason)
+        sha = hashlib.sha256(msg.payload).hexdigest()
+        ref = err.ref_id if err.ref_id and len(err.ref_id) <= 64 else None
+        if site_id is None:
+            self.ledger.reject_raw(new_id(), "", msg.topic, err.code, err.reason, ref, sha, len(msg.payload))
+            return
+        report = ErrorReport(
+            error_id=new_id(), site_id=site_id, at=now(), topic=msg.topic, code=err.code, reason=err.reason,  # type: ignore[arg-type]
+            ref_id=ref, payload_sha256=sha, payload_bytes=len(msg.payload),
+        )  # fmt: skip
         body = report.model_dump_json().encode()
-        self.bus.publish_nowait(self.topics.site(site_id, "errors"), body)
-        self.metrics.sent_bytes.labels("errors").inc(len(body))
-        log.warning("rejected %s from %s: %s: %s", kind, site_id, err.code, err.reason)
-
-    def _site_of(self, topic: str, kind: str) -> str | None:
-        """The site a message came from; None (logged, counted, acknowledged) for a topic no site may use."""
-        parsed = self.topics.parse_site(topic)
-        if parsed is None:
-            self.metrics.messages.labels(kind, "rejected").inc()
-            self.metrics.rejections.labels("invalid").inc()
-            log.warning("ignored a message on %s: not a valid site topic, so no errors topic to answer on", topic)
-            return None
-        return parsed[0]
-
-    def _on_embeddings(self, topic: str, payload: bytes) -> None:
-        site_id = self._site_of(topic, "embeddings")
-        if site_id is None:
-            return
-        self.metrics.received_bytes.labels("embeddings").inc(len(payload))
         try:
-            c = parse_contribution(payload, site_id, self.encoders, self.settings.max_payload_bytes)
-            new = self.ledger.ingest(c, payload)
-        except Rejected as err:
-            self._reject(topic, site_id, payload, err, "embeddings")
-            return
-        self.metrics.messages.labels("embeddings", "accepted" if new else "duplicate").inc()
-        if new:
-            self.metrics.ingest_latency.observe(max(0.0, time.time() - c.created_at.timestamp()))
-            log.info(
-                "contribution %s from %s: %d labels, %d samples",
-                c.contribution_id[:8],
-                site_id,
-                len(c.labels),
-                c.n_samples,
-            )
+            self.ledger.reject(report)
+        finally:  # the sender hears why even when the record could not be written
+            self.bus.publish_nowait(self.topics.site(site_id, "errors"), body)
+            self.metrics.sent_bytes.labels("errors").inc(len(body))
 
-    def _on_eval(self, topic: str, payload: bytes) -> None:
-        site_id = self._site_of(topic, "eval")
-        if site_id is None:
-            return
-        self.metrics.received_bytes.labels("eval").inc(len(payload))
-        try:
-            e = parse_evaluation(payload, site_id)
-        except Rejected as err:
-            self._reject(topic, site_id, payload, err, "eval")
-            return
-        new = self.ledger.record_evaluation(e)
-        self.metrics.messages.labels("eval", "accepted" if new else "duplicate").inc()
+    def _ingest_contribution(self, site_id: str, payload: bytes) -> Outcome:
+        s = self.settings
+        c = parse_contribution(payload, site_id, self.encoders, s.max_payload_bytes, s.min_group_size)
+        if not self.ledger.ingest(c, payload):
+            return "duplicate"
+        self.metrics.ingest_latency.observe(max(0.0, time.time() - c.created_at.timestamp()))
+        log.info(
+            "contribution %s from %s: %d labels, %d samples", c.contribution_id[:8], site_id, len(c.labels), c.n_samples
+        )
+        return "accepted"
+
+    def _ingest_evaluation(self, site_id: str, payload: bytes) -> Outcome:
+        versions = set(self.registry.versions())
+        e = parse_evaluation(payload, site_id, versions)
+        if not self.ledger.record_evaluation(e):
+            return "duplicate"
         rows = [r for r in self.ledger.evaluations(e.model_version) if r["accuracy"] is not None and r["samples"]]
-        if rows and e.model_version == (self.registry.versions() or [0])[-1]:
+        if rows and e.model_version == max(versions):
             n = sum(r["samples"] for r in rows)
             self.metrics.federated_accuracy.set(sum(r["accuracy"] * r["samples"] for r in rows) / n)
         log.info(
             "evaluation from %s: model v%d, accuracy %s on %d samples", site_id, e.model_version, e.accuracy, e.samples
         )
+        return "accepted"
 
     # --- rounds (main thread) ---
     def check_policy(self, now: float) -> str | None:
@@ -233,10 +262,15 @@ class HubService:
             "round %d: %d contributions from %d sites", round_id, len(ids), len({c.site_id for c in contributions})
         )
         try:
-            result = run_round(contributions, self.synthesizer, self.train_config)
+            result = run_round(contributions, self.synthesizer, self.train_config, self._checkpoint)
+            self._checkpoint()
             version = publish(
                 result, self.registry, contributions, {"foundation": self.foundation.encoder_id, "round": round_id}
             )
+        except Stopping:
+            redo = self.ledger.interrupt_round(round_id, "hub stopped during the round; redone on the next start")
+            log.warning("round %d interrupted by a stop; requested again as round %d", round_id, redo)
+            return None
         except Exception as err:  # a failed round is recorded and reported, the hub keeps serving
             log.exception("round %d failed; the same contributions are retried in %d s", round_id, ROUND_RETRY_S)
             self._failed = (set(ids), time.monotonic())
@@ -256,13 +290,19 @@ class HubService:
         self._publish_status("online")
         return version
 
+    def _checkpoint(self) -> None:
+        """Called between batches of a round: abandon it when the service is stopping."""
+        if self.stop_event.is_set():
+            raise Stopping
+
     def deliver(self, version: ModelVersion) -> ModelManifest:
-        """Publish a model's chunks, then its manifest (all retained), and retire chunks two versions back."""
-        manifest, chunks = model_messages(version, self.topics, self.foundation.encoder_id, self.settings.chunk_bytes)
+        """Publish a model's chunks, then its signed manifest (all retained), and retire chunks two versions back."""
+        manifest, body, chunks = model_messages(
+            version, self.topics, self.foundation.encoder_id, self.signing_key, self.settings.chunk_bytes
+        )
         for topic, payload in chunks:
             self.bus.publish(topic, payload, retain=True)
             self.metrics.sent_bytes.labels("model").inc(len(payload))
-        body = manifest.model_dump_json().encode()
         self.bus.publish(self.topics.hub_model, body, retain=True)
         self.metrics.sent_bytes.labels("model").inc(len(body))
         self.metrics.fedavg_round_bytes.set(manifest.fedavg_round_bytes)
@@ -276,9 +316,9 @@ class HubService:
     # --- lifecycle ---
     def run(self, ready: threading.Event | None = None) -> None:
         """Serve until `stop_event` is set."""
-        failed = self.ledger.fail_interrupted_rounds()
-        if failed:
-            log.warning("%d round(s) were interrupted by a stop; the next round redoes them", failed)
+        redone = self.ledger.redo_interrupted_rounds()
+        if redone:
+            log.warning("round(s) %s were interrupted by a stop or a crash; requested again", redone)
         self._subscribe()
         self.bus.start()
         if ready is not None:

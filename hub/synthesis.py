@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,8 +92,11 @@ class Synthesizer:
     def _cache_path(self, contribution: Contribution) -> Path | None:
         return self.cache_dir / f"{contribution.contribution_id}.npz" if self.cache_dir else None
 
-    def synthesize(self, contribution: Contribution) -> SyntheticSet:
-        """Samples for one contribution, from the cache when present."""
+    def synthesize(self, contribution: Contribution, checkpoint: Callable[[], None] | None = None) -> SyntheticSet:
+        """Samples for one contribution, from the cache when present.
+
+        `checkpoint` is called between batches; it raises to abandon the work (a service stopping).
+        """
         if contribution.encoder_id != self.foundation.encoder_id:
             raise ValueError(
                 f"contribution {contribution.contribution_id} was encoded by {contribution.encoder_id!r}, "
@@ -103,7 +107,7 @@ class Synthesizer:
         if cache is not None and cache.is_file():
             with np.load(cache, allow_pickle=False) as z:
                 return SyntheticSet(z["images"].astype(np.float32), z["labels"], z["tags"])
-        result = self._run(contribution)
+        result = self._run(contribution, checkpoint)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp.npz")
@@ -113,11 +117,13 @@ class Synthesizer:
             result.images = result.images.astype(np.float16).astype(np.float32)
         return result
 
-    def synthesize_all(self, contributions: list[Contribution]) -> SyntheticSet:
+    def synthesize_all(
+        self, contributions: list[Contribution], checkpoint: Callable[[], None] | None = None
+    ) -> SyntheticSet:
         """Samples of several contributions, concatenated in order."""
-        return SyntheticSet.concat([self.synthesize(c) for c in contributions])
+        return SyntheticSet.concat([self.synthesize(c, checkpoint) for c in contributions])
 
-    def _run(self, contribution: Contribution) -> SyntheticSet:
+    def _run(self, contribution: Contribution, checkpoint: Callable[[], None] | None = None) -> SyntheticSet:
         cfg, fm = self.config, self.foundation
         dim, size = fm.dim, fm.image_size
         conds, noises, labels = [], [], []
@@ -139,6 +145,7 @@ class Synthesizer:
             batches, desc=f"synthesize {contribution.contribution_id[:8]}", disable=not self.progress, leave=False
         ):
             sl = slice(i, i + cfg.batch_size)
-            out.append(sample(fm.generator, fm.scheduler, cond[sl], noise[sl], steps=cfg.steps, guidance=cfg.guidance))
+            out.append(sample(fm.generator, fm.scheduler, cond[sl], noise[sl], steps=cfg.steps, guidance=cfg.guidance,
+                              checkpoint=checkpoint))  # fmt: skip
         images = torch.cat(out).numpy()
         return SyntheticSet(images, np.array(labels), np.array([contribution.contribution_id] * len(labels)))

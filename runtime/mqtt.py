@@ -4,8 +4,11 @@ MQTT v5 by default (persistent session with an expiry, shared subscriptions); MQ
 that refuse v5, such as the embedded Python broker (persistent session through clean_session=False,
 no shared subscriptions). QoS 1 everywhere. Incoming messages are acknowledged only after their
 handler returned, so whatever the handler made durable is durable before the broker forgets the
-message; a handler that raises leaves the message unacknowledged and the broker redelivers it on
-the next session.
+message. Every message is acknowledged, whatever its handler did: an unacknowledged message holds
+one of the broker's in-flight slots for this session, and once the window is full the broker
+delivers nothing more, across reconnects too. So handlers give every message an outcome
+themselves (accepted, duplicate, or rejected with a reason); an exception that still escapes one is
+logged, counted through `on_handler_error`, and the message is acknowledged all the same.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +30,17 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str, bytes], None]
+
+@dataclass(frozen=True)
+class Message:
+    """One message as a handler sees it. `retain` is set when the broker replays a retained message."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+Handler = Callable[[Message], None]
 
 
 class TlsSettings(BaseModel):
@@ -91,6 +106,7 @@ class Bus:
         persistent: bool = True,
         on_connect: Callable[[], None] | None = None,
         on_state: Callable[[bool], None] | None = None,
+        on_handler_error: Callable[[Message, BaseException], None] | None = None,
     ):
         self.broker = broker
         self.client_id = client_id
@@ -100,6 +116,8 @@ class Bus:
         self._connected = threading.Event()
         self._on_connect_hook = on_connect
         self._on_state = on_state
+        self._on_handler_error = on_handler_error
+        self._busy_since: float | None = None  # monotonic start of the handler now running, if any
         self._lock = threading.Lock()
         self._loop_thread_ident: int | None = None
         self.client = mqtt.Client(
@@ -228,18 +246,31 @@ class Bus:
         if self._on_state:
             self._on_state(False)
 
+    def handler_busy_for(self) -> float:
+        """Seconds the message handler now running has taken (0 when idle): /healthz reports a stalled intake."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
             handlers = [h for f, h in self._subs.items() if _matches(f, msg.topic)]
+        message = Message(msg.topic, bytes(msg.payload), bool(msg.retain))
+        self._busy_since = time.monotonic()
         try:
             for h in handlers:
-                h(msg.topic, bytes(msg.payload))
-        except Exception:
-            # Unacknowledged: the broker redelivers it with the next session. Logged, never silent.
-            log.exception("handler failed on %s; message left unacknowledged", msg.topic)
-            return
-        if msg.qos > 0:
-            client.ack(msg.mid, msg.qos)
+                try:
+                    h(message)
+                except Exception as err:  # the last line of defence: handlers give outcomes themselves
+                    log.exception("handler failed on %s; the message is acknowledged as rejected", msg.topic)
+                    if self._on_handler_error is not None:
+                        try:
+                            self._on_handler_error(message, err)
+                        except Exception:
+                            log.exception("on_handler_error failed on %s", msg.topic)
+        finally:
+            self._busy_since = None
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
 
 
 def _matches(topic_filter: str, topic: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -134,10 +135,12 @@ def sample(
     noise: torch.Tensor,
     steps: int = 25,
     guidance: float = 2.0,
+    checkpoint: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` [N,1,S,S] given `cond` [N, D] with DDIM and classifier-free guidance.
 
     Returns images [N,1,S,S] in [0,1]. Deterministic for a given `noise` (DDIM with eta = 0).
+    `checkpoint` is called before each denoising step; it raises to abandon the work.
     """
     size = model.config.sample_size
     if noise.shape != (cond.shape[0], 1, size, size):
@@ -147,6 +150,8 @@ def sample(
     null = torch.ones(cond.shape[0], dtype=torch.bool)
     both_drop = torch.cat([torch.zeros_like(null), null])
     for t in scheduler.timesteps:
+        if checkpoint is not None:
+            checkpoint()
         if guidance == 1.0:  # the unconditional branch would cancel out: skip it, half the cost
             eps = model(scheduler.scale_model_input(x, t), t.expand(len(x)), cond)
         else:

@@ -5,42 +5,28 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from contract.payloads import Contribution, ErrorReport, HubStatus
+from contract.payloads import ErrorReport
 from contract.topics import Topics
-from edge.contribution import make_contribution
 from edge.models import ModelStore
 from hub import datasets
 from hub.config import HubSettings
 from hub.demo import free_port, run_demo
 from hub.service import HubService
 from runtime.mqtt import BrokerSettings
+from tests.integration.helpers import Watcher, good_contribution, outbox_depth, start_edge, wait_for
 
 pytestmark = pytest.mark.slow
 TOPICS = Topics()
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_demo_round_over_mqtt(tmp_path: Path) -> None:
@@ -56,57 +42,6 @@ def test_demo_round_over_mqtt(tmp_path: Path) -> None:
         assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest.sha256
     hub_model = Path(result["model_path"]).read_bytes()
     assert hashlib.sha256(hub_model).hexdigest() == manifest.sha256
-
-
-class Watcher:
-    """A plain paho v5 client, as a third-party tool would use the documented topics."""
-
-    def __init__(self, broker: BrokerSettings, filters: list[str]):
-        self.messages: list[tuple[str, bytes]] = []
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watcher-{os.getpid()}", protocol=mqtt.MQTTv5)
-        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload)))
-        self.client.connect(broker.host, broker.port)
-        for f in filters:
-            self.client.subscribe(f, qos=1)
-        self.client.loop_start()
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
-
-    def on(self, topic_prefix: str) -> list[bytes]:
-        return [p for t, p in self.messages if t.startswith(topic_prefix)]
-
-    def stop(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-@pytest.fixture
-def hub(mosquitto: BrokerSettings, tmp_path: Path) -> Iterator[HubService]:
-    """A hub worker in a thread, small synthesis so rounds are quick."""
-    settings = HubSettings(
-        state_dir=tmp_path / "hub", broker=mosquitto, metrics_port=None,
-        rounds={"min_sites": 3, "poll_s": 0.2}, synthesis={"samples_per_count": 1.0, "epochs": 8},
-    )  # fmt: skip
-    service = HubService(settings)
-    thread = threading.Thread(target=service.run, name="hub")
-    thread.start()
-    watcher = Watcher(mosquitto, [TOPICS.hub_status])
-    wait_for(lambda: any(HubStatus.model_validate_json(p).state == "online" for p in watcher.on(TOPICS.hub_status)),
-             30, "the hub to come online")  # fmt: skip
-    watcher.stop()
-    try:
-        yield service
-    finally:
-        service.stop_event.set()
-        thread.join(30)
-
-
-def good_contribution(hub: HubService, site_id: str, seed: int = 0) -> Contribution:
-    rng = np.random.default_rng(seed)
-    emb = rng.normal(size=(40, hub.foundation.dim)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    return make_contribution(site_id, hub.foundation.encoder_id, emb, [str(i % 2) for i in range(40)], k=2)
 
 
 def test_ten_kinds_of_bad_payload_are_rejected_with_a_reason(hub: HubService, mosquitto: BrokerSettings) -> None:
@@ -180,34 +115,6 @@ def test_ten_kinds_of_bad_payload_are_rejected_with_a_reason(hub: HubService, mo
     assert len(hub.ledger.contribution_ids()) == 2
     assert not watcher.on(TOPICS.site("site-c", "errors"))
     watcher.stop()
-
-
-def start_edge(site_id: str, data_dir: Path, state_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "FEDGE_EDGE_SITE_ID": site_id,
-        "FEDGE_EDGE_DATA_DIR": str(data_dir),
-        "FEDGE_EDGE_STATE_DIR": str(state_dir),
-        "FEDGE_EDGE_BROKER__PORT": str(port),
-        "FEDGE_EDGE_METRICS_PORT": "0",
-        "FEDGE_EDGE_SCAN_INTERVAL_S": "0.5",
-        "FEDGE_EDGE_SETTLE_S": "0",
-    }
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "edge.cli", "run"], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-
-
-def outbox_depth(state_dir: Path) -> int:
-    db = state_dir / "edge.sqlite"
-    if not db.exists():
-        return 0
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-        try:
-            return int(con.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-        except sqlite3.OperationalError:
-            return 0
 
 
 def test_killing_an_edge_mid_round_loses_and_duplicates_nothing(

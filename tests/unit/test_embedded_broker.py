@@ -42,7 +42,7 @@ def test_retained_message_reaches_a_late_subscriber(broker: BrokerSettings) -> N
     pub.publish("fedge/v1/hub/model", b"manifest", retain=True)
     got: list[tuple[str, bytes]] = []
     sub = Bus("sub", broker)
-    sub.subscribe("fedge/v1/hub/#", lambda t, p: got.append((t, p)))
+    sub.subscribe("fedge/v1/hub/#", lambda m: got.append((m.topic, m.payload)))
     sub.start()
     assert wait_for(lambda: got == [("fedge/v1/hub/model", b"manifest")])
     pub.stop()
@@ -52,7 +52,7 @@ def test_retained_message_reaches_a_late_subscriber(broker: BrokerSettings) -> N
 def test_persistent_session_keeps_qos1_messages_while_away(broker: BrokerSettings) -> None:
     got: list[str] = []
     sub = Bus("hub", broker)
-    sub.subscribe("fedge/v1/site/+/embeddings", lambda t, p: got.append(p.decode()))
+    sub.subscribe("fedge/v1/site/+/embeddings", lambda m: got.append(m.payload.decode()))
     sub.start()
     assert sub.wait_connected(5)
     sub.stop()
@@ -60,7 +60,7 @@ def test_persistent_session_keeps_qos1_messages_while_away(broker: BrokerSetting
     for i in range(50):
         pub.publish("fedge/v1/site/a/embeddings", str(i).encode())
     again = Bus("hub", broker)
-    again.subscribe("fedge/v1/site/+/embeddings", lambda t, p: got.append(p.decode()))
+    again.subscribe("fedge/v1/site/+/embeddings", lambda m: got.append(m.payload.decode()))
     again.start()
     assert wait_for(lambda: len(got) == 50)
     assert got == [str(i) for i in range(50)]
@@ -71,7 +71,7 @@ def test_persistent_session_keeps_qos1_messages_while_away(broker: BrokerSetting
 def test_last_will_is_published_when_a_client_drops(broker: BrokerSettings) -> None:
     got: list[bytes] = []
     watcher = Bus("watcher", broker)
-    watcher.subscribe("fedge/v1/site/+/status", lambda t, p: got.append(p))
+    watcher.subscribe("fedge/v1/site/+/status", lambda m: got.append(m.payload))
     watcher.start()
     site = connected(broker, "site", will=("fedge/v1/site/a/status", b"offline"))
     assert watcher.wait_connected(5)

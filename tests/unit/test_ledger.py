@@ -54,12 +54,17 @@ def test_a_newer_contribution_supersedes_the_site_s_previous_one(tmp_path: Path)
     assert err.value.code == "unknown_supersedes"
 
 
-def test_a_round_is_claimed_once_and_an_interrupted_one_is_failed(tmp_path: Path) -> None:
+def test_a_round_is_claimed_once_and_an_interrupted_one_is_failed_and_requested_again(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
     rid = ledger.request_round("manual")
     assert ledger.request_round("min_sites") == rid  # one open request at a time
     assert ledger.claim_round() == rid
     assert Ledger(tmp_path / "l.sqlite").claim_round() is None  # a second worker finds it running
-    assert ledger.fail_interrupted_rounds() == 1
-    assert ledger.rounds()[0].state == "failed"
+    assert ledger.redo_interrupted_rounds() == [rid]
+    assert [(r.round_id, r.state, r.trigger) for r in ledger.rounds()] == [
+        (rid, "failed", "manual"),
+        (rid + 1, "requested", f"redo:{rid}"),
+    ]
+    assert ledger.redo_interrupted_rounds() == []  # nothing is running any more
+    assert ledger.claim_round() == rid + 1
     assert ledger.last_trained_set() is None

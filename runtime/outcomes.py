@@ -1,0 +1,52 @@
+"""One rule for every message handler on both services: each message ends accepted, duplicate or rejected.
+
+A handler's work is a function `apply(message) -> "accepted" | "duplicate"` that raises `Rejected`
+for a message it refuses. `guarded` turns it into a Bus handler that never raises: an unexpected
+exception becomes a rejection with code `internal`, and `report` hears every outcome exactly once
+(to count it, record it and answer the sender). The Bus then acknowledges the message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Literal
+
+from runtime.mqtt import Message
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["accepted", "duplicate", "rejected"]
+OUTCOMES: tuple[Outcome, ...] = ("accepted", "duplicate", "rejected")
+
+
+class Rejected(Exception):
+    """A message refused, with a machine-readable code and a sentence for people."""
+
+    def __init__(self, code: str, reason: str, ref_id: str | None = None):
+        super().__init__(f"{code}: {reason}")
+        self.code, self.reason, self.ref_id = code, reason, ref_id
+
+
+Report = Callable[[str, Message, Outcome, Rejected | None], None]
+
+
+def guarded(kind: str, apply: Callable[[Message], Outcome], report: Report) -> Callable[[Message], None]:
+    """A Bus handler for messages of `kind` that gives each one exactly one outcome and never raises."""
+
+    def handle(msg: Message) -> None:
+        rejection: Rejected | None = None
+        try:
+            outcome = apply(msg)
+        except Rejected as err:
+            outcome, rejection = "rejected", err
+        except Exception as err:  # a bug or a failing disk is still an outcome, never an unacknowledged message
+            log.exception("%s on %s failed unexpectedly", kind, msg.topic[:200])
+            outcome = "rejected"
+            rejection = Rejected("internal", f"failed on this message: {type(err).__name__}: {err}"[:500])
+        try:
+            report(kind, msg, outcome, rejection)
+        except Exception:
+            log.exception("could not report the outcome (%s) of %s on %s", outcome, kind, msg.topic[:200])
+
+    return handle
