@@ -475,6 +475,8 @@ def pm(s: dict, key: str, digits: int = 3) -> str:
 
 def verdict(s: dict, a: str, b: str) -> str:
     """'tie' where the spreads (mean ± std) overlap, else which is higher."""
+    if s["seeds"] < 2:
+        return "one seed: no spread to judge"
     lo_a, hi_a = s[a] - s[a + "_std"], s[a] + s[a + "_std"]
     lo_b, hi_b = s[b] - s[b + "_std"], s[b] + s[b + "_std"]
     if hi_a >= lo_b and hi_b >= lo_a:
