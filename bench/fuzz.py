@@ -159,6 +159,8 @@ class HubHarness:
         self.dim = self.hub.foundation.dim
         self.encoder_id = self.hub.foundation.encoder_id
         self.handlers = self.hub.handlers()
+        self.site_key = signing.write_keypair(root / "site.pem")
+        self.site_pem = signing.public_pem(self.site_key.public_key())
 
     def close(self) -> None:
         """Release the ledger file."""
@@ -192,11 +194,22 @@ class HubHarness:
             "samples": draw(st.integers(0, 100)), "accuracy": draw(st.one_of(st.none(), st.floats(0, 1))),
         }  # fmt: skip
 
-    def state(self) -> tuple[int, int, int]:
-        """(contributions, evaluations, rejections) rows in the ledger."""
+    def valid_receipt(self, draw) -> dict:
+        """A forget receipt signed by the site's key (pinned on first use; mutations break it)."""
+        body = {
+            "schema_version": 1, "receipt_id": draw(IDS), "request_id": draw(IDS), "site_id": "SITE",
+            "request_issued_at": "2026-11-22T09:00:00+00:00", "received_at": "2026-11-22T09:00:00.1+00:00",
+            "completed_at": "2026-11-22T09:00:00.3+00:00", "samples_deleted": draw(st.integers(0, 100)),
+            "labels_affected": ["7"], "superseded": draw(st.one_of(st.none(), IDS)),
+            "contribution_id": draw(st.one_of(st.none(), IDS)), "public_key": self.site_pem,
+        }  # fmt: skip
+        return body
+
+    def state(self) -> tuple[int, int, int, int]:
+        """(contributions, evaluations, rejections, forget receipts) rows in the ledger."""
         db = self.hub.ledger._db
         with self.hub.ledger._lock:
-            return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("contributions", "evaluations", "rejections"))  # type: ignore[return-value]  # fmt: skip
+            return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("contributions", "evaluations", "rejections", "forget_receipts"))  # type: ignore[return-value]  # fmt: skip
 
     def outcome_counts(self, kind: str) -> dict[str, float]:
         """The service's own outcome counters for `kind`."""
@@ -206,10 +219,25 @@ class HubHarness:
             for r in ("accepted", "duplicate", "rejected")
         }
 
+    def _sign_if_object(self, payload: bytes) -> bytes:
+        """Sign what parses as a JSON object (a mutated one too: the mutation must then fail on its own merits)."""
+        try:
+            body = json.loads(payload)
+        except (ValueError, RecursionError):
+            return payload
+        if not isinstance(body, dict) or "@@" in payload.decode("utf-8", "replace"):
+            return payload
+        try:
+            return json.dumps(signing.sign(body, self.site_key)).encode()
+        except (TypeError, ValueError):  # values the canonical encoding refuses (NaN): left unsigned
+            return payload
+
     def run(self, kind: str, topic: str, site: str | None, payload: bytes, retain: bool, tally: Tally) -> None:
         """Drive one case and check the invariants."""
         if site is not None:
             payload = payload.replace(b'"SITE"', json.dumps(site).encode())
+        if kind == "forget/receipt":
+            payload = self._sign_if_object(payload)
         before, counts = self.state(), self.outcome_counts(kind)
         internal = self.hub.metrics.registry.get_sample_value("fedge_hub_rejections_total", {"code": "internal"}) or 0
         self.handlers[kind](Message(topic, payload, retain))
@@ -230,9 +258,14 @@ class HubHarness:
         ) > internal:
             tally.problems.append(f"{name}: internal error on {payload[:120]!r} (topic {topic!r})")
         expected = {
-            "accepted": (before[0] + (kind == "embeddings"), before[1] + (kind == "eval"), before[2]),
+            "accepted": (
+                before[0] + (kind == "embeddings"),
+                before[1] + (kind == "eval"),
+                before[2],
+                before[3] + (kind == "forget/receipt"),
+            ),
             "duplicate": before,
-            "rejected": (before[0], before[1], before[2] + 1),
+            "rejected": (before[0], before[1], before[2] + 1, before[3]),
         }[outcome]
         if after != expected:
             tally.problems.append(f"{name}: {outcome} left the ledger at {after}, expected {expected}")
@@ -333,7 +366,10 @@ def run_all(cases: int, bundle: Path, root: Path, base_seed: int = 0, log: Calla
     hub = HubHarness(root / "hub", bundle)
     edge = EdgeHarness(root / "edge", bundle)
     drivers: list[tuple[str, Callable[[], None]]] = []
-    for i, (kind, valid) in enumerate((("embeddings", hub.valid_contribution), ("eval", hub.valid_evaluation))):
+    hub_kinds = (
+        ("embeddings", hub.valid_contribution), ("eval", hub.valid_evaluation), ("forget/receipt", hub.valid_receipt)
+    )  # fmt: skip
+    for i, (kind, valid) in enumerate(hub_kinds):
         drivers.append((f"hub/{kind}", _hub_driver(hub, kind, valid, cfg, base_seed + i, tally)))
     edge_cases = (
         ("hub_status", TOPICS.hub_status, edge.valid_status),

@@ -96,6 +96,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Export the audit trail (JSONL + CSV) or verify an exported one."""
+    from hub.unlearning import audit
+
+    if args.action == "verify":
+        if args.folder is None:
+            print("error: give the exported folder: fedge-hub audit verify DIR", file=sys.stderr)
+            return 2
+        pem = args.hub_key.read_text() if args.hub_key else None
+        report = audit.verify(args.folder, pem)
+        print(json.dumps(report, indent=1))
+        return 0 if report["ok"] else 1
+    from hub.config import HubSettings
+    from hub.ledger import Ledger
+    from runtime.settings import validate_or_exit
+
+    settings = validate_or_exit(HubSettings, args.config, False)
+    path = settings.state_dir / "ledger.sqlite"
+    if not path.is_file():
+        print(f"error: no ledger at {path}: is state_dir right, and has this hub ever run?", file=sys.stderr)
+        return 2
+    pub = settings.signing_key_path().with_suffix(".pub.pem")
+    if not pub.is_file():
+        print(f"error: the hub's public key {pub} is missing", file=sys.stderr)
+        return 2
+    ledger = Ledger(path)
+    try:
+        counts = audit.export(ledger, pub.read_text(), args.out)
+    finally:
+        ledger.close()
+    print(json.dumps({"out": str(args.out), "rows": counts}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `fedge-hub`."""
     argv = sys.argv[1:] if argv is None else argv
@@ -150,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="contributions, rounds, rejections and evaluations from the ledger")
     st.add_argument("--config", type=Path)
     st.set_defaults(fn=cmd_status)
+    au = sub.add_parser("audit", help="`audit export --out DIR`: the trail as JSONL + CSV; `audit verify DIR`")
+    au.add_argument("action", choices=["export", "verify"])
+    au.add_argument("folder", nargs="?", type=Path, help="verify: the exported folder")
+    au.add_argument("--config", type=Path, help="export: the hub's YAML (for state_dir and its key)")
+    au.add_argument("--out", type=Path, default=Path("audit"), help="export: output folder")
+    au.add_argument("--hub-key", type=Path, help="verify: the hub's public key, as its operator gave it to you")
+    au.set_defaults(fn=cmd_audit)
     args = ap.parse_args(argv)
     return int(args.fn(args))
 

@@ -43,6 +43,25 @@ class SynthesisSettings(BaseModel):
     seed: int = Field(default=0, description="Seed of synthesis and training (same seed, same model).")
 
 
+class ClosedFormSettings(BaseModel):
+    """The exactly unlearnable global model: random features of the bundle's encoder and a closed-form head."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_features: int = Field(
+        default=1024, ge=16, le=8192, description="Random Fourier features (memory: D^2 x 8 B per contribution)."
+    )
+    bandwidth: float = Field(default=0.7, gt=0, le=100, description="Length scale of the approximated RBF kernel.")
+    variant: Literal["ridge", "ridge-balanced", "lda"] = Field(
+        default="ridge-balanced", description="How the head is solved."
+    )
+    lam: float = Field(default=1e-6, gt=0, le=10, description="Ridge regularisation of G/N.")
+    threads: int = Field(default=1, ge=1, le=64, description="onnxruntime threads for the hub's feature extraction.")
+    verify_refit: bool = Field(
+        default=True, description="Before a certificate, refit from scratch and report the difference (0 when exact)."
+    )
+
+
 class StableDiffusionSettings(BaseModel):
     """A Stable Diffusion checkpoint on local disk and its encoders exported for the sites."""
 
@@ -78,6 +97,17 @@ class HubSettings(BaseSettings):
     share_group: str = Field(default=SHARE_GROUP, description="Shared-subscription group of the hub workers (MQTT v5).")
     rounds: RoundPolicy = Field(default_factory=RoundPolicy)
     synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings)
+    model: Literal["closed_form", "cnn"] = Field(
+        default="closed_form",
+        description="closed_form: exactly unlearnable by re-solving (bundled backend); cnn: the SmallCNN, retrained "
+        "from scratch on every change (the only choice with Stable Diffusion).",
+    )
+    closed_form: ClosedFormSettings = Field(default_factory=ClosedFormSettings)
+    site_keys_dir: Path | None = Field(
+        default=None,
+        description="Folder of sites' public keys (<site_id>.pub.pem) that forget receipts must be signed with; "
+        "a site without one here is pinned from its first receipt.",
+    )
     max_payload_bytes: int = Field(
         default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1024, description="Larger payloads are rejected."
     )
@@ -108,6 +138,10 @@ class HubSettings(BaseSettings):
     def _check(self) -> HubSettings:
         if self.device not in {"auto", "cpu", "cuda"} and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.backend == "stable-diffusion" and "model" not in self.model_fields_set:
+            self.model = "cnn"  # the closed-form head needs an image encoder in ONNX, which SD checkpoints lack
+        if self.backend == "stable-diffusion" and self.model == "closed_form":
+            raise ValueError("model closed_form needs the bundled backend (an image encoder in ONNX); use model: cnn")
         if self.backend == "stable-diffusion" and self.stable_diffusion is None:
             raise ValueError(
                 "backend stable-diffusion needs stable_diffusion.model_dir and stable_diffusion.encoders_dir"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from contract.payloads import Contribution, ErrorReport, Evaluation
+from contract.payloads import Contribution, ErrorReport, Evaluation, ForgetReceipt
 from hub.intake import Rejected
 from runtime.sqlite import open_db, transaction
 
@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS contributions (
     samples INTEGER NOT NULL,
     labels INTEGER NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('active', 'superseded')),
-    superseded_by TEXT
+    superseded_by TEXT,
+    purged_at TEXT
 );
 CREATE INDEX IF NOT EXISTS contributions_site ON contributions (site_id, state);
 CREATE TABLE IF NOT EXISTS rejections (
@@ -68,6 +69,38 @@ CREATE TABLE IF NOT EXISTS rounds (
     contributions TEXT,
     model_version INTEGER,
     error TEXT
+);
+CREATE TABLE IF NOT EXISTS site_keys (
+    site_id TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    pinned_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS forget_receipts (
+    receipt_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    site_id TEXT NOT NULL,
+    superseded TEXT,
+    contribution_id TEXT,
+    request_issued_at TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    certificate_id TEXT
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    certificate_id TEXT PRIMARY KEY,
+    issued_at TEXT NOT NULL,
+    model_version_after INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_versions (
+    version INTEGER PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    method TEXT NOT NULL,
+    trained_on TEXT NOT NULL,
+    stats_digests TEXT,
+    training_digest TEXT,
+    manifest BLOB
 );
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -102,6 +135,9 @@ class Ledger:
         self.path = Path(path)
         self._db = open_db(self.path, SCHEMA)
         self._lock = threading.Lock()
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(contributions)")}
+        if "purged_at" not in columns:  # a ledger written before forgetting existed
+            self._db.execute("ALTER TABLE contributions ADD COLUMN purged_at TEXT")
 
     def close(self) -> None:
         """Close the file."""
@@ -131,7 +167,9 @@ class Ledger:
                 (c.contribution_id,),
             ).fetchone()
             if row is not None:
-                same = row[0] == sha or Contribution.model_validate_json(row[2]).content_sha256() == c.content_sha256()
+                same = row[0] == sha or (
+                    bool(row[2]) and Contribution.model_validate_json(row[2]).content_sha256() == c.content_sha256()
+                )
                 if same and row[1] == c.site_id:
                     return False
                 raise Rejected(
@@ -156,7 +194,7 @@ class Ledger:
                 )
             ]
             self._db.execute(
-                "INSERT INTO contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', NULL)",
+                "INSERT INTO contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', NULL, NULL)",
                 (
                     c.contribution_id, c.site_id, c.encoder_id, c.created_at.isoformat(), _now(), c.supersedes, sha,
                     payload, c.n_samples, len(c.labels),
@@ -320,3 +358,112 @@ class Ledger:
                 "SELECT contributions FROM rounds WHERE state = 'done' ORDER BY round_id DESC LIMIT 1"
             ).fetchone()
         return None if row is None else set(json.loads(row[0]))
+
+    # --- forgetting: site keys, receipts, model versions, certificates ---
+    def site_key(self, site_id: str) -> str | None:
+        """The public key (PEM) pinned for a site, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT public_key FROM site_keys WHERE site_id = ?", (site_id,)).fetchone()
+        return row[0] if row else None
+
+    def record_receipt(self, receipt: ForgetReceipt, payload: bytes, key_id: str) -> bool:
+        """Store a verified receipt (pinning the site's key on its first one); False for a redelivery."""
+        with self._tx():
+            if self._db.execute("SELECT 1 FROM forget_receipts WHERE receipt_id = ?", (receipt.receipt_id,)).fetchone():
+                return False
+            self._db.execute(
+                "INSERT OR IGNORE INTO site_keys VALUES (?, ?, ?, ?)",
+                (receipt.site_id, key_id, receipt.public_key, _now()),
+            )
+            self._db.execute(
+                "INSERT INTO forget_receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                (receipt.receipt_id, receipt.request_id, receipt.site_id, receipt.superseded, receipt.contribution_id,
+                 receipt.request_issued_at.isoformat(), _now(), payload),
+            )  # fmt: skip
+            self._decide("forget_receipt", receipt.request_id, {"site": receipt.site_id, "superseded": receipt.superseded,
+                                                                "contribution": receipt.contribution_id})  # fmt: skip
+        return True
+
+    def open_receipts(self) -> list[dict]:
+        """Receipts not yet covered by a certificate, oldest first."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT receipt_id, request_id, site_id, superseded, contribution_id, request_issued_at "
+                "FROM forget_receipts WHERE certificate_id IS NULL ORDER BY received_at"
+            )
+            keys = ("receipt_id", "request_id", "site_id", "superseded", "contribution_id", "request_issued_at")
+            return [dict(zip(keys, r, strict=True)) for r in cur]
+
+    def has_contribution(self, contribution_id: str) -> bool:
+        """Whether a contribution id was ever ingested."""
+        with self._lock:
+            q = "SELECT 1 FROM contributions WHERE contribution_id = ?"
+            return self._db.execute(q, (contribution_id,)).fetchone() is not None
+
+    def record_model_version(self, version: int, method: str, trained_on: list[str], stats_digests: dict | None,
+                             digest: str | None, manifest: bytes | None) -> None:  # fmt: skip
+        """What a published model version was trained on (the audit trail's answer to 'which data is in v3?')."""
+        with self._tx():
+            self._db.execute(
+                "INSERT OR REPLACE INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (version, _now(), method, json.dumps(sorted(trained_on)),
+                 json.dumps(stats_digests, sort_keys=True) if stats_digests is not None else None, digest, manifest),
+            )  # fmt: skip
+
+    def model_versions(self) -> list[dict]:
+        """Every recorded model version, oldest first."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT version, created_at, method, trained_on, stats_digests, training_digest FROM model_versions "
+                "ORDER BY version"
+            )
+            return [
+                {"version": r[0], "created_at": r[1], "method": r[2], "trained_on": json.loads(r[3]),
+                 "stats_digests": json.loads(r[4]) if r[4] else None, "training_digest": r[5]}
+                for r in cur
+            ]  # fmt: skip
+
+    def record_certificate(self, certificate_id: str, version: int, payload: bytes, receipt_ids: list[str],
+                           purge: list[str]) -> None:  # fmt: skip
+        """Store a signed certificate, close its receipts and purge the removed contributions' payloads, at once.
+
+        The ledger keeps a removed contribution's id, site, sha256 and history for the audit trail; its
+        prototypes, derived from data that was deleted, go.
+        """
+        with self._tx():
+            self._db.execute(
+                "INSERT OR IGNORE INTO certificates VALUES (?, ?, ?, ?)", (certificate_id, _now(), version, payload)
+            )
+            self._db.executemany(
+                "UPDATE forget_receipts SET certificate_id = ? WHERE receipt_id = ?",
+                [(certificate_id, r) for r in receipt_ids],
+            )
+            self._db.executemany(
+                "UPDATE contributions SET payload = X'', purged_at = ? WHERE contribution_id = ? AND state = 'superseded'",
+                [(_now(), c) for c in purge],
+            )
+            self._decide("certificate", certificate_id, {"model_version": version, "receipts": receipt_ids,
+                                                         "purged": purge})  # fmt: skip
+
+    def certificates(self) -> list[bytes]:
+        """Every certificate as published, oldest first."""
+        with self._lock:
+            return [bytes(r[0]) for r in self._db.execute("SELECT payload FROM certificates ORDER BY issued_at")]
+
+    def audit_rows(self) -> dict[str, list[dict]]:
+        """Everything the audit export holds, table by table (payload blobs as text where they are JSON)."""
+        out: dict[str, list[dict]] = {}
+        with self._lock:
+            for table in ("contributions", "forget_receipts", "certificates", "model_versions", "rounds", "rejections",
+                          "site_keys", "decisions"):  # fmt: skip
+                cur = self._db.execute(f"SELECT * FROM {table}")  # noqa: S608 (fixed table names)
+                cols = [d[0] for d in cur.description]
+                rows = []
+                for r in cur:
+                    row = dict(zip(cols, r, strict=True))
+                    for k, v in row.items():
+                        if isinstance(v, bytes):
+                            row[k] = v.decode("utf-8") if v else None
+                    rows.append(row)
+                out[table] = rows
+        return out

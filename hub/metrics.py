@@ -10,8 +10,10 @@ from prometheus_client.registry import Collector
 
 from contract.payloads import ErrorCode
 
-INGEST_KINDS = ("embeddings", "eval")
-SENT_KINDS = ("model", "errors", "status")
+INGEST_KINDS = ("embeddings", "eval", "forget/receipt")
+SENT_KINDS = ("model", "errors", "status", "certificate")
+CERTIFICATE_REASONS = ("forget_request", "outdated", "irrelevant")
+FORGET_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 ERROR_CODES: tuple[str, ...] = ErrorCode.__args__  # type: ignore[attr-defined]
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 WORK_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -66,6 +68,24 @@ class HubMetrics:
             "fedge_hub_federated_accuracy", "Accuracy of the current model on sites' held-out samples, sample-weighted.",
             registry=r,
         )  # fmt: skip
+        self.forget_to_receipt = Histogram(
+            "fedge_hub_forget_request_to_receipt_seconds", "From a forget request's issued_at to the site's receipt.",
+            buckets=FORGET_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.forget_to_certificate = Histogram(
+            "fedge_hub_forget_request_to_certificate_seconds",
+            "From a forget request's issued_at to the certificate of a model without its data.",
+            buckets=FORGET_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.unlearning_seconds = Histogram(
+            "fedge_hub_unlearning_seconds", "Time to re-solve the model without the forgotten contributions.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.certificates = Counter(
+            "fedge_hub_certificates", "Unlearning certificates published, by reason.", ["reason"], registry=r
+        )
+        for reason in CERTIFICATE_REASONS:
+            self.certificates.labels(reason)
         for k in INGEST_KINDS:
             self.received_bytes.labels(k)
             for res in ("accepted", "duplicate", "rejected"):

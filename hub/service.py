@@ -8,6 +8,7 @@ work (synthesis, training, registry) is the same code the core-loop demo and the
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -15,14 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from contract import signing
-from contract.payloads import EncoderInfo, ErrorReport, HubStatus, ModelManifest, new_id, now
+from contract.payloads import Contribution, EncoderInfo, ErrorReport, HubStatus, ModelManifest, new_id, now
 from contract.topics import Topics
 from hub.config import HubSettings
 from hub.delivery import clear_messages, model_messages
 from hub.intake import Rejected, parse_contribution, parse_evaluation
+from hub.learning.exact import ExactModel
 from hub.ledger import Ledger
 from hub.metrics import HubMetrics
 from hub.registry import ModelRegistry, ModelVersion
+from hub.unlearning import Unlearning
 from runtime.mqtt import Bus, Message, NotConnected
 from runtime.outcomes import Outcome, guarded
 
@@ -75,9 +78,21 @@ class HubService:
             self.synthesizer = Synthesizer(self.foundation, synth_cfg, cache_dir=cache, progress=False)
         self.encoders = {self.foundation.encoder_id: self.foundation.dim}
         self.train_config = TrainConfig(epochs=syn.epochs, seed=syn.seed)
+        self.trainer = None  # the closed-form model (hub/learning/exact.py); None: the CNN, retrained each round
+        if s.model == "closed_form":
+            from hub.learning.exact import ExactConfig, ExactTrainer
+
+            cf = s.closed_form
+            cfg = ExactConfig(cf.n_features, cf.bandwidth, cf.variant, cf.lam, syn.seed, cf.threads)
+            encoder_onnx = bundled.resolve(s.foundation) / "encoder.onnx"
+            self.trainer = ExactTrainer(self.synthesizer, encoder_onnx, cfg, s.state_dir / "statistics")
         self.metrics.watch_ledger(self.ledger.counts_by_state)
         self.signing_key, created = signing.load_or_create_private_key(s.signing_key_path())
         self.key_id = signing.key_id(self.signing_key.public_key())
+        self.unlearning = Unlearning(
+            self.ledger, self.signing_key, s.hub_id, self.trainer, s.site_keys_dir,
+            verify_refit=s.closed_form.verify_refit, synthesizer=self.synthesizer,
+        )  # fmt: skip
         if created:
             log.warning("created the hub's signing key %s at %s (public half beside it: give it to the sites)",
                         self.key_id, s.signing_key_path())  # fmt: skip
@@ -144,10 +159,11 @@ class HubService:
 
     def handlers(self) -> dict[str, Callable[[Message], None]]:
         """The intake handler of each site message kind the hub reads (bench/fuzz drives these directly)."""
-        return {
-            kind: guarded(kind, self._from_site(apply), self._report)
-            for kind, apply in (("embeddings", self._ingest_contribution), ("eval", self._ingest_evaluation))
-        }
+        kinds = (
+            ("embeddings", self._ingest_contribution), ("eval", self._ingest_evaluation),
+            ("forget/receipt", self._ingest_receipt),
+        )  # fmt: skip
+        return {kind: guarded(kind, self._from_site(apply), self._report) for kind, apply in kinds}
 
     def _subscribe(self) -> None:
         t, v5 = self.topics, self.bus.v5
@@ -211,6 +227,12 @@ class HubService:
         )
         return "accepted"
 
+    def _ingest_receipt(self, site_id: str, payload: bytes) -> Outcome:
+        outcome, latency = self.unlearning.ingest_receipt(site_id, payload)
+        if latency is not None:
+            self.metrics.forget_to_receipt.observe(latency)
+        return outcome
+
     def _ingest_evaluation(self, site_id: str, payload: bytes) -> Outcome:
         versions = set(self.registry.versions())
         e = parse_evaluation(payload, site_id, versions)
@@ -238,7 +260,9 @@ class HubService:
             self._pending_since = now
         p = self.settings.rounds
         trigger = None
-        if len(active) >= p.min_sites:
+        if self.unlearning.wants_round(active, self.ledger.last_trained_set() or set()):
+            trigger = "forget"  # a forget request is honoured now, whatever the site minimum
+        elif len(active) >= p.min_sites:
             trigger = "min_sites"
         elif p.deadline_s is not None and now - self._pending_since >= p.deadline_s:
             trigger = "deadline"
@@ -247,9 +271,7 @@ class HubService:
         return trigger
 
     def run_round(self, round_id: int) -> ModelVersion | None:
-        """Synthesize and train on the active contributions, publish the model; the ledger records the outcome."""
-        from hub.rounds import publish, run_round
-
+        """Train on the active contributions and publish the model (and any certificate); the ledger records it."""
         contributions = [c for c in self.ledger.active() if c.labels]
         ids = [c.contribution_id for c in contributions]
         if not contributions:
@@ -258,15 +280,12 @@ class HubService:
             return None
         self._publish_status("training")
         started = time.perf_counter()
+        before = self.registry.latest()
         log.info(
             "round %d: %d contributions from %d sites", round_id, len(ids), len({c.site_id for c in contributions})
         )
         try:
-            result = run_round(contributions, self.synthesizer, self.train_config, self._checkpoint)
-            self._checkpoint()
-            version = publish(
-                result, self.registry, contributions, {"foundation": self.foundation.encoder_id, "round": round_id}
-            )
+            version, exact = self._train(contributions, round_id)
         except Stopping:
             redo = self.ledger.interrupt_round(round_id, "hub stopped during the round; redone on the next start")
             log.warning("round %d interrupted by a stop; requested again as round %d", round_id, redo)
@@ -278,17 +297,61 @@ class HubService:
             self.metrics.rounds.labels("failed").inc()
             self._publish_status("online")
             return None
-        self.metrics.synthesis.observe(result.synthesis_s)
-        self.metrics.training.observe(result.training_s)
+        self.ledger.record_model_version(
+            version.version, version.manifest["method"], ids, exact.stats_digests if exact else None,
+            exact.training_digest if exact else None, json.dumps(version.manifest).encode(),
+        )  # fmt: skip
         self.ledger.finish_round(round_id, ids, version.version)
         self.metrics.rounds.labels("done").inc()
         self.metrics.model_version.set(version.version)
-        log.info("round %d: model v%d (%d synthetic samples, %.1f s + %.1f s)", round_id, version.version,
-                 len(result.synthetic.labels), result.synthesis_s, result.training_s)  # fmt: skip
         self.deliver(version)
         self.metrics.round_seconds.observe(time.perf_counter() - started)
+        certificates = self.unlearning.certify(
+            version.version, version.sha256, before.version if before else None, ids, contributions, exact
+        )
+        for cert, body in certificates:
+            self.bus.publish(self.topics.hub_certificate, body)
+            self.metrics.sent_bytes.labels("certificate").inc(len(body))
+            self.metrics.certificates.labels(cert.reason).inc()
+            if cert.requested_at is not None:
+                self.metrics.forget_to_certificate.observe((cert.issued_at - cert.requested_at).total_seconds())
+            if exact is not None:
+                self.metrics.unlearning_seconds.observe(cert.verification.get("unlearning_seconds", 0.0))
         self._publish_status("online")
         return version
+
+    def _train(self, contributions: list[Contribution], round_id: int) -> tuple[ModelVersion, ExactModel | None]:
+        """A new model version from `contributions`: the closed-form model, or the CNN retrained from scratch."""
+        from hub.rounds import publish, run_round
+
+        extra = {"foundation": self.foundation.encoder_id, "round": round_id}
+        if self.trainer is None:
+            result = run_round(contributions, self.synthesizer, self.train_config, self._checkpoint)
+            self._checkpoint()
+            version = publish(result, self.registry, contributions, {**extra, "method": "retrain_exact"})
+            self.metrics.synthesis.observe(result.synthesis_s)
+            self.metrics.training.observe(result.training_s)
+            log.info("round %d: model v%d (%d synthetic samples, %.1f s + %.1f s)", round_id, version.version,
+                     len(result.synthetic.labels), result.synthesis_s, result.training_s)  # fmt: skip
+            return version, None
+        exact = self.trainer.fit(contributions, self._checkpoint)
+        self._checkpoint()
+        size = self.foundation.image_size
+        meta = {
+            **extra, "method": "closed_form_exact", "labels": list(exact.label_names),
+            "input": {"name": "image", "shape": [-1, 1, size, size], "range": [0, 1]}, "output": {"name": "logits"},
+            "contributions": exact.trained_on, "statistics": exact.stats_digests,
+            "training_digest": exact.training_digest, "synthetic_samples": exact.synthetic_samples,
+            "timings_s": {k: round(v, 4) for k, v in exact.timings.items()},
+        }  # fmt: skip
+        version = self.registry.publish(exact.onnx, meta)
+        t = exact.timings
+        self.metrics.synthesis.observe(t.get("statistics_s", 0.0))
+        self.metrics.training.observe(t.get("sum_s", 0.0) + t.get("solve_s", 0.0) + t.get("export_s", 0.0))
+        log.info("round %d: model v%d, closed form over %d synthetic samples (statistics %.2f s, sum %.3f s, "
+                 "solve %.3f s, export %.3f s)", round_id, version.version, exact.synthetic_samples,
+                 t.get("statistics_s", 0), t["sum_s"], t["solve_s"], t["export_s"])  # fmt: skip
+        return version, exact
 
     def _checkpoint(self) -> None:
         """Called between batches of a round: abandon it when the service is stopping."""

@@ -117,6 +117,11 @@ class Synthesizer:
             result.images = result.images.astype(np.float16).astype(np.float32)
         return result
 
+    def forget(self, contribution_id: str) -> None:
+        """Delete the cached synthetic samples of a contribution that must never be trained on again."""
+        if self.cache_dir is not None:
+            (self.cache_dir / f"{contribution_id}.npz").unlink(missing_ok=True)
+
     def synthesize_all(
         self, contributions: list[Contribution], checkpoint: Callable[[], None] | None = None
     ) -> SyntheticSet:

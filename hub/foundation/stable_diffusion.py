@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ class SDSynthesizer(Synthesizer):
                 self._empty_prompt = pipe.text_encoder(ids.to(pipe.device))[0]
         return self._empty_prompt.expand(n, -1, -1)
 
-    def _run(self, contribution: Contribution) -> SyntheticSet:
+    def _run(self, contribution: Contribution, checkpoint: Callable[[], None] | None = None) -> SyntheticSet:
         cfg, fm = self.config, self.foundation
         pipe, t = fm.pipeline, fm.encoders["text"]
         image = fm.conditioning == "image"
@@ -166,6 +167,8 @@ class SDSynthesizer(Synthesizer):
         for label, emb, n, seed in jobs:
             gen = torch.Generator(device="cpu").manual_seed(seed)
             for start in range(0, n, batch):
+                if checkpoint is not None:
+                    checkpoint()
                 m = min(batch, n - start)
                 dtype = pipe.unet.dtype
                 if image:  # unCLIP: the prototype is the image embedding; the prompt is empty

@@ -56,7 +56,7 @@ def test_bus_over_mutual_tls(tls_broker: tuple[int, Path]) -> None:
     got: list[bytes] = []
     arrived = threading.Event()
     bus = Bus("fedge-edge-site-a", BrokerSettings(host="127.0.0.1", port=port, tls=tls))
-    bus.subscribe("fedge/v1/site/site-a/#", lambda t, p: (got.append(p), arrived.set()))
+    bus.subscribe("fedge/v1/site/site-a/#", lambda m: (got.append(m.payload), arrived.set()))
     bus.start()
     assert bus.wait_connected(10)
     bus.publish("fedge/v1/site/site-a/status", b"online")

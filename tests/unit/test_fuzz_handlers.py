@@ -16,7 +16,14 @@ CASES = 200
 def test_every_generated_payload_ends_accepted_duplicate_or_rejected(tiny_bundle: Path, tmp_path: Path) -> None:
     tally = run_all(CASES, tiny_bundle, tmp_path, base_seed=0, log=lambda s: None)
     assert tally.problems == []  # never internal, never two outcomes, nothing half-applied
-    assert set(tally.outcomes) == {"hub/embeddings", "hub/eval", "edge/hub_status", "edge/model", "edge/errors"}
+    assert set(tally.outcomes) == {
+        "hub/embeddings",
+        "hub/eval",
+        "hub/forget/receipt",
+        "edge/hub_status",
+        "edge/model",
+        "edge/errors",
+    }
     for handler, counts in tally.outcomes.items():
         assert sum(counts.values()) >= CASES, handler
         assert counts["accepted"] > 0 and counts["rejected"] > 0, (handler, counts)

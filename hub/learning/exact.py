@@ -1,0 +1,150 @@
+"""The hub's exactly unlearnable model: per-contribution statistics, cached on disk, summed in id order and solved.
+
+A round asks `ExactTrainer.fit(contributions)`. Each contribution's statistics are computed once
+(synthesis, then features of its own samples) and kept in `<stats_dir>/<feature key>/<id>.npz`;
+later rounds, and every unlearning, only re-sum and re-solve. Dropping a contribution from the
+list is therefore all that forgetting it takes, and the result is bit-identical to fitting from
+scratch without it (hub/learning/closed_form.py says why). `refit_from_scratch` recomputes every
+statistic from the synthetic images instead of the cache: the verification an unlearning
+certificate reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from contract.payloads import Contribution
+from hub.learning.closed_form import (
+    ClosedFormHead,
+    ContributionStats,
+    FeatureExtractor,
+    FeatureMap,
+    solve,
+    sum_stats,
+    to_onnx,
+)
+from hub.synthesis import Synthesizer
+
+
+@dataclass(frozen=True)
+class ExactConfig:
+    """The closed-form model's settings (defaults chosen on validation data by `python -m bench.unlearning --select`)."""
+
+    n_features: int = 1024
+    bandwidth: float = 0.7
+    variant: str = "ridge-balanced"
+    lam: float = 1e-6
+    seed: int = 0
+    threads: int = 1
+
+
+@dataclass
+class ExactModel:
+    """What a fit produced: the ONNX artifact and exactly what it was solved from."""
+
+    onnx: bytes
+    head: ClosedFormHead
+    label_names: tuple[str, ...]
+    trained_on: list[str]  # contribution ids, sorted
+    stats_digests: dict[str, str]  # contribution id -> sha256 of its statistics
+    training_digest: str
+    synthetic_samples: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def training_digest(stats_digests: dict[str, str]) -> str:
+    """sha256 of the canonical JSON list [[contribution_id, statistics sha256], ...] in id order (docs/unlearning.md)."""
+    pairs = [[cid, stats_digests[cid]] for cid in sorted(stats_digests)]
+    return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
+
+
+class ExactTrainer:
+    """Fits the closed-form model over a bundle's fp32 encoder from contributions, caching their statistics."""
+
+    def __init__(self, synthesizer: Synthesizer, encoder_onnx: Path, config: ExactConfig, stats_dir: Path):
+        fm = synthesizer.foundation
+        self.synthesizer, self.encoder_onnx, self.config = synthesizer, Path(encoder_onnx), config
+        self.feature_map = FeatureMap(fm.dim, config.n_features, config.bandwidth, config.seed)
+        self.extractor = FeatureExtractor(self.encoder_onnx, self.feature_map, threads=config.threads)
+        # Statistics depend on the synthesis settings too: a different synthesis config is another cache.
+        self.stats_dir = Path(stats_dir) / f"{self.feature_map.key()}-{synthesizer.config.key()}"
+        self.stats_dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, contribution_id: str) -> Path:
+        return self.stats_dir / f"{contribution_id}.npz"
+
+    def compute_stats(self, c: Contribution, checkpoint: Callable[[], None] | None = None) -> ContributionStats:
+        """Statistics of one contribution from its (cached) synthesis, never from the statistics cache."""
+        synthetic = self.synthesizer.synthesize(c, checkpoint)
+        if checkpoint is not None:
+            checkpoint()
+        return ContributionStats.from_synthetic(synthetic, c.contribution_id, self.extractor)
+
+    def stats(self, c: Contribution, checkpoint: Callable[[], None] | None = None) -> ContributionStats:
+        """Statistics of one contribution, from the cache when present (computed and stored otherwise)."""
+        path = self._path(c.contribution_id)
+        if path.is_file():
+            return ContributionStats.load(path)
+        s = self.compute_stats(c, checkpoint)
+        s.save(path)
+        return s
+
+    def _fit(self, all_stats: list[ContributionStats]) -> ExactModel:
+        t0 = time.perf_counter()
+        total = sum_stats(all_stats)
+        t1 = time.perf_counter()
+        head = solve(total, variant=self.config.variant, lam=self.config.lam)  # type: ignore[arg-type]
+        t2 = time.perf_counter()
+        digests = {s.contribution_id: s.digest() for s in all_stats}
+        model = ExactModel(
+            onnx=to_onnx(self.encoder_onnx, self.feature_map, head),
+            head=head,
+            label_names=head.label_names,
+            trained_on=sorted(digests),
+            stats_digests=digests,
+            training_digest=training_digest(digests),
+            synthetic_samples=total.n_samples,
+        )
+        model.timings.update(sum_s=t1 - t0, solve_s=t2 - t1, export_s=time.perf_counter() - t2)
+        return model
+
+    def fit(self, contributions: list[Contribution], checkpoint: Callable[[], None] | None = None) -> ExactModel:
+        """The model of `contributions` (those without samples are skipped): cached statistics, summed, solved."""
+        t0 = time.perf_counter()
+        ordered = sorted((c for c in contributions if c.labels), key=lambda c: c.contribution_id)
+        if not ordered:
+            raise ValueError("no contribution carries samples: nothing to train on")
+        all_stats = [self.stats(c, checkpoint) for c in ordered]
+        t1 = time.perf_counter()
+        model = self._fit(all_stats)
+        model.timings["statistics_s"] = t1 - t0
+        return model
+
+    def refit_from_scratch(
+        self, contributions: list[Contribution], checkpoint: Callable[[], None] | None = None
+    ) -> ExactModel:
+        """The same model with every statistic recomputed from the synthetic images: what a retrain would give."""
+        t0 = time.perf_counter()
+        ordered = sorted((c for c in contributions if c.labels), key=lambda c: c.contribution_id)
+        model = self._fit([self.compute_stats(c, checkpoint) for c in ordered])
+        model.timings["refit_s"] = time.perf_counter() - t0
+        return model
+
+    def forget(self, contribution_ids: set[str]) -> None:
+        """Delete the cached statistics of contributions that must never be trained on again."""
+        for cid in contribution_ids:
+            self._path(cid).unlink(missing_ok=True)
+
+
+def max_abs_diff(a: ClosedFormHead, b: ClosedFormHead) -> float:
+    """Largest absolute difference between two heads' weights and biases (0.0 when bit-identical)."""
+    if a.label_names != b.label_names or a.weights.shape != b.weights.shape:
+        return float("inf")
+    return float(max(np.abs(a.weights - b.weights).max(), np.abs(a.bias - b.bias).max()))

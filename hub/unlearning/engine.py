@@ -1,0 +1,116 @@
+"""The hub's unlearning path: receipts in, a round that drops what was forgotten, a signed certificate out.
+
+1. A site that honoured a forget request publishes the superseding contribution, then a signed
+   receipt naming the contribution it replaced. `ingest_receipt` verifies and records it.
+2. `wants_round` asks for a round at once (not waiting for the site minimum) when an open
+   receipt's contribution is in the last model but no longer active.
+3. The round trains on the active contributions only. With the closed-form model that is a
+   re-sum of cached per-contribution statistics and one solve: exactly what retraining without the
+   forgotten contribution yields, in a fraction of the time (docs/unlearning.md).
+4. `certify` then checks the new model against a refit from scratch, signs a certificate for every
+   receipt it covers, records it, purges the removed contributions' prototypes, synthetic samples
+   and statistics, and returns the bytes to publish on `hub/certificate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+
+from contract import signing
+from contract.payloads import Contribution, UnlearningCertificate
+from hub.learning.exact import ExactModel, ExactTrainer, max_abs_diff
+from hub.ledger import Ledger
+from hub.unlearning.certificates import make_certificate
+from hub.unlearning.receipts import configured_site_key, parse_receipt
+from runtime.outcomes import Outcome
+
+log = logging.getLogger("fedge.hub.unlearning")
+
+
+class Unlearning:
+    """Forget receipts, unlearning rounds and certificates for one hub worker."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        signing_key: signing.Ed25519PrivateKey,
+        hub_id: str,
+        trainer: ExactTrainer | None = None,
+        site_keys_dir: Path | None = None,
+        verify_refit: bool = True,
+        synthesizer=None,
+    ):
+        self.ledger, self.key, self.hub_id, self.trainer = ledger, signing_key, hub_id, trainer
+        self.synthesizer = synthesizer  # its cache holds the removed contributions' synthetic samples
+        self.site_keys_dir, self.verify_refit = site_keys_dir, verify_refit
+
+    def ingest_receipt(self, site_id: str, payload: bytes) -> tuple[Outcome, float | None]:
+        """Verify and record a receipt; (outcome, request-to-receipt seconds for a new one). Raises Rejected."""
+        trusted = configured_site_key(self.site_keys_dir, site_id) or self.ledger.site_key(site_id)
+        receipt, kid = parse_receipt(payload, site_id, trusted)
+        if not self.ledger.record_receipt(receipt, payload, kid):
+            return "duplicate", None
+        log.info("forget receipt from %s for request %s: %d samples deleted, %s superseded by %s", site_id,
+                 receipt.request_id[:8], receipt.samples_deleted, (receipt.superseded or "nothing")[:8],
+                 (receipt.contribution_id or "nothing")[:8])  # fmt: skip
+        return "accepted", max(0.0, (receipt.completed_at - receipt.request_issued_at).total_seconds())
+
+    def wants_round(self, active: set[str], last_trained: set[str]) -> bool:
+        """Whether an open receipt's contribution is still in the current model although no longer active."""
+        return any(
+            r["superseded"] in last_trained and r["superseded"] not in active for r in self.ledger.open_receipts()
+        )
+
+    def certify(
+        self,
+        version: int,
+        model_sha256: str,
+        version_before: int | None,
+        trained_on: list[str],
+        active: list[Contribution],
+        model: ExactModel | None,
+    ) -> list[tuple[UnlearningCertificate, bytes]]:
+        """Certificates for the open receipts that model `version` honours (recorded, purged); [] when none."""
+        receipts = self.ledger.open_receipts()
+        trained = set(trained_on)
+        covered = [r for r in receipts if r["superseded"] is not None and r["superseded"] not in trained]
+        nothing = [r for r in receipts if r["superseded"] is None]
+        for r in nothing:  # the site had contributed nothing: no model ever carried its data
+            self.ledger.record_certificate("not-needed", version, b"", [r["receipt_id"]], [])
+        if not covered:
+            return []
+        removed = sorted({r["superseded"] for r in covered})
+        verification: dict[str, float] = {"removed_in_training_set": float(len(trained & set(removed)))}
+        method = "retrain_exact"
+        digest = ""
+        if model is not None and self.trainer is not None:
+            method = "closed_form_exact"
+            digest = model.training_digest
+            verification["unlearning_seconds"] = round(sum(model.timings.get(k, 0.0) for k in ("sum_s", "solve_s", "export_s")), 4)  # fmt: skip
+            if self.verify_refit:
+                t0 = time.perf_counter()
+                refit = self.trainer.refit_from_scratch(active)
+                verification["refit_seconds"] = round(time.perf_counter() - t0, 4)
+                verification["refit_max_abs_diff"] = max_abs_diff(model.head, refit.head)
+                verification["refit_bit_identical"] = float(model.head.digest() == refit.head.digest())
+        else:  # a retrained model has no statistics: its digest covers the contribution ids it was trained on
+            digest = hashlib.sha256(json.dumps(sorted(trained_on)).encode()).hexdigest()
+        requested = min(datetime.fromisoformat(r["request_issued_at"]) for r in covered)
+        cert, body = make_certificate(
+            self.key, self.hub_id, "forget_request", sorted({r["request_id"] for r in covered}), removed,
+            version_before, version, model_sha256, trained_on, digest, method, verification, requested,
+        )  # fmt: skip
+        self.ledger.record_certificate(cert.certificate_id, version, body, [r["receipt_id"] for r in covered], removed)
+        if self.trainer is not None:
+            self.trainer.forget(set(removed))
+        if self.synthesizer is not None:
+            for cid in removed:
+                self.synthesizer.forget(cid)
+        log.info("certificate %s: model v%d no longer carries %s (%s)", cert.certificate_id[:8], version,
+                 ", ".join(c[:8] for c in removed), ", ".join(f"{k} {v:g}" for k, v in verification.items()))  # fmt: skip
+        return [(cert, body)]
