@@ -67,7 +67,9 @@ def model_messages(
         "input_shape": meta["input"]["shape"],
         "encoder_id": encoder_id,
         "contributions": meta["contributions"],
-        "fedavg_round_bytes": 2 * 4 * onnx_parameters(data),  # float32 weights, up and down
+        # float32 weights, up and down, of the model FedAvg would train: the bench's CNN when the delivered model is
+        # the closed-form head (whose frozen encoder and random features no FedAvg round would send), else this one.
+        "fedavg_round_bytes": 2 * 4 * int(meta.get("fedavg_reference_parameters") or onnx_parameters(data)),
     }
     signed = signing.sign(body, signing_key)
     manifest = ModelManifest.model_validate(signed)  # the exact object signed, checked against the contract

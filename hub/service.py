@@ -46,6 +46,13 @@ def resolve_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cnn_parameters(image_size: int, n_classes: int) -> int:
+    """Weights of the bench's SmallCNN for this task: what one FedAvg round would exchange instead of prototypes."""
+    from hub.classifier import SmallCNN
+
+    return int(sum(p.numel() for p in SmallCNN(image_size, n_classes).parameters()))
+
+
 class HubService:
     """One hub worker."""
 
@@ -343,6 +350,7 @@ class HubService:
             "contributions": exact.trained_on, "statistics": exact.stats_digests,
             "training_digest": exact.training_digest, "synthetic_samples": exact.synthetic_samples,
             "timings_s": {k: round(v, 4) for k, v in exact.timings.items()},
+            "fedavg_reference_parameters": cnn_parameters(size, len(exact.label_names)),
         }  # fmt: skip
         version = self.registry.publish(exact.onnx, meta)
         t = exact.timings
