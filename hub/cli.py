@@ -7,6 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from runtime.threads import DEFAULT_THREADS, size_pools
+
+# Heavy modules (torch, diffusers) are imported inside the commands, after their arguments are parsed,
+# so that `--help` and argument errors answer at once.
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One round from contribution files: synthesize, train, export ONNX, publish a version."""
@@ -19,6 +24,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hub.rounds import TrainConfig, publish, run_round
     from hub.synthesis import SynthesisConfig, Synthesizer
 
+    size_pools(args.threads, import_torch=True)
     contributions = []
     for f in args.contributions:
         try:
@@ -56,33 +62,72 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = validate_or_exit(HubSettings, args.config, args.validate_config)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    size_pools(args.threads, import_torch=True)  # before the service builds a model or an onnxruntime session
     return run_service(HubService(settings), settings, logging.getLogger("fedge.hub"))
 
 
-def cmd_round(args: argparse.Namespace) -> int:
-    """Ask the running hub for a round now (recorded in its ledger; the hub picks it up within a poll)."""
+def _existing_ledger(args: argparse.Namespace):
+    """(settings, ledger) of the configured state_dir; prints one line and returns None when it has no ledger."""
     from hub.config import HubSettings
     from hub.ledger import Ledger
     from runtime.settings import validate_or_exit
 
-    settings = validate_or_exit(HubSettings, args.config, False)
-    ledger = Ledger(settings.state_dir / "ledger.sqlite")
+    settings = validate_or_exit(HubSettings, args.config, False, check_paths=False)
+    path = settings.state_dir / "ledger.sqlite"
+    if not path.is_file():  # opening it would create an empty one, and report an empty hub as if it were real
+        print(f"error: no ledger at {path}: is state_dir right (--config), and has a hub run there?", file=sys.stderr)
+        return None
+    return settings, Ledger(path)
+
+
+def health_url(settings) -> str | None:
+    """The hub's /healthz on this machine, from its settings; None when it has no fixed metrics port."""
+    if not settings.metrics_port:  # null: no endpoint; 0: a port the hub picked, which we cannot know
+        return None
+    host = "127.0.0.1" if settings.metrics_host in ("0.0.0.0", "") else settings.metrics_host
+    return f"http://{host}:{settings.metrics_port}/healthz"
+
+
+def hub_answers(url: str) -> bool:
+    """Whether anything answers HTTP at `url` within a second (a 503 is a hub that is up but unhealthy)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1.0):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def cmd_round(args: argparse.Namespace) -> int:
+    """Ask the running hub for a round now (recorded in its ledger; the hub picks it up within a poll)."""
+    found = _existing_ledger(args)
+    if found is None:
+        return 2
+    settings, ledger = found
     try:
         round_id = ledger.request_round("manual")
     finally:
         ledger.close()
-    print(f"round {round_id} requested; the hub starts it within {settings.rounds.poll_s:g} s")
+    url = health_url(settings)
+    if url is not None and not hub_answers(url):
+        print(f"round {round_id} requested, but no hub answers at {url}; a hub started on {settings.state_dir} "
+              "will run it")  # fmt: skip
+        return 0
+    unknown = " (metrics_port is off, so whether a hub runs is unknown)" if url is None else ""
+    print(f"round {round_id} requested; the hub starts it within {settings.rounds.poll_s:g} s{unknown}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the ledger's view: contributions by state, rounds, rejections, evaluations."""
-    from hub.config import HubSettings
-    from hub.ledger import Ledger
-    from runtime.settings import validate_or_exit
-
-    settings = validate_or_exit(HubSettings, args.config, False)
-    ledger = Ledger(settings.state_dir / "ledger.sqlite")
+    found = _existing_ledger(args)
+    if found is None:
+        return 2
+    _, ledger = found
     try:
         out = {
             "contributions": ledger.counts_by_state(),
@@ -112,7 +157,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from hub.ledger import Ledger
     from runtime.settings import validate_or_exit
 
-    settings = validate_or_exit(HubSettings, args.config, False)
+    settings = validate_or_exit(HubSettings, args.config, False, check_paths=False)
     path = settings.state_dir / "ledger.sqlite"
     if not path.is_file():
         print(f"error: no ledger at {path}: is state_dir right, and has this hub ever run?", file=sys.stderr)
@@ -130,13 +175,83 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_threads_argument(ap: argparse.ArgumentParser) -> None:
+    """`--threads N`: torch's and onnxruntime's pool sizes (runtime/threads.py)."""
+    ap.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS, metavar="N",
+        help=f"threads per torch and onnxruntime pool (default {DEFAULT_THREADS}, for a machine shared with other "
+        "work; raise it to the cores this command may use)",
+    )  # fmt: skip
+
+
+def foundation_train_parser() -> argparse.ArgumentParser:
+    """Arguments of `fedge-hub foundation train` (here, so that --help does not load torch)."""
+    ap = argparse.ArgumentParser(
+        prog="fedge-hub foundation train",
+        description="Train the bundled foundation model (encoder and generator) on the public split only.",
+    )
+    ap.add_argument("--dataset", default="digits", help="digits, mnist (14x14), or a folder <label>/<sample>")
+    ap.add_argument("--out", type=Path, help="bundle directory (default: bundled/<dataset>)")
+    ap.add_argument("--name", help="bundle name used in the encoder id (default: the dataset name)")
+    ap.add_argument("--diffusion-steps", type=int, help="override the recipe's generator steps")
+    ap.add_argument("--simclr-steps", type=int, help="override the recipe's encoder steps")
+    ap.add_argument("--seed", type=int, default=0)
+    add_threads_argument(ap)
+    return ap
+
+
+def foundation_evaluate_parser() -> argparse.ArgumentParser:
+    """Arguments of `fedge-hub foundation evaluate`."""
+    ap = argparse.ArgumentParser(
+        prog="fedge-hub foundation evaluate", description="Recompute a bundle's quality and rewrite its manifest."
+    )
+    ap.add_argument("--bundle", default="digits", help="bundled model name or bundle directory")
+    return ap
+
+
+def export_encoders_parser() -> argparse.ArgumentParser:
+    """Arguments of `fedge-hub export-encoders`."""
+    ap = argparse.ArgumentParser(
+        prog="fedge-hub export-encoders",
+        description="A Stable Diffusion checkpoint's CLIP encoders as ONNX for the edges: text_encoder.onnx, "
+        "tokenizer.json, image_encoder.onnx when the checkpoint has one, and manifest.json (hashes, dimensions, "
+        "padding, the hash of the source weights). See hub/foundation/export_encoders.py.",
+    )
+    ap.add_argument("--model", type=Path, required=True, help="local Stable Diffusion directory (diffusers layout)")
+    ap.add_argument("--out", type=Path, required=True, help="where the ONNX encoders and manifest.json go")
+    return ap
+
+
+def cmd_foundation_train(args: argparse.Namespace, command: str) -> int:
+    """Train a foundation bundle (torch is imported here, after the arguments are parsed)."""
+
+    size_pools(args.threads, import_torch=True)
+    from hub.foundation.train import train_from_args
+
+    return train_from_args(args, command)
+
+
+def cmd_foundation_evaluate(args: argparse.Namespace, command: str) -> int:
+    """Recompute a bundle's quality section."""
+    from hub.foundation.train import evaluate_from_args
+
+    return evaluate_from_args(args, command)
+
+
+def cmd_export_encoders(args: argparse.Namespace) -> int:
+    """Export a checkpoint's CLIP encoders and print what the manifest says about them."""
+    from hub.foundation.export_encoders import export_encoders
+
+    manifest = export_encoders(args.model, args.out)
+    print(json.dumps({k: manifest[k] for k in ("text", "image") if k in manifest}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `fedge-hub`."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export-encoders"]:
-        from hub.foundation.export_encoders import main as export_main
-
-        return export_main(argv[1:])
+        return cmd_export_encoders(export_encoders_parser().parse_args(argv[1:]))
     if argv[:1] == ["demo-data"]:
         from hub.demo import data_main
 
@@ -146,13 +261,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     if argv[:2] == ["foundation", "train"]:
-        from hub.foundation.train import main as train_main
-
-        return train_main(argv[2:])
+        args = foundation_train_parser().parse_args(argv[2:])
+        return cmd_foundation_train(args, "fedge-hub foundation train " + " ".join(argv[2:]))
     if argv[:2] == ["foundation", "evaluate"]:
-        from hub.foundation.train import evaluate_main
-
-        return evaluate_main(argv[2:])
+        args = foundation_evaluate_parser().parse_args(argv[2:])
+        return cmd_foundation_evaluate(args, "fedge-hub foundation evaluate " + " ".join(argv[2:]))
     ap = argparse.ArgumentParser(prog="fedge-hub", description="fedge hub: synthesize from prototypes, train, unlearn")
     sub = ap.add_subparsers(dest="cmd", required=True)
     fnd = sub.add_parser("foundation", help="foundation model commands: `fedge-hub foundation train --help`")
@@ -171,11 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--samples-per-count", type=float, default=2.0)
     tr.add_argument("--epochs", type=int, default=30)
     tr.add_argument("--seed", type=int, default=0)
+    add_threads_argument(tr)
     tr.set_defaults(fn=cmd_train)
     run = sub.add_parser("run", help="run a hub worker (config: --config YAML and FEDGE_HUB_* variables)")
     run.add_argument("--config", type=Path, help="YAML file; environment variables FEDGE_HUB_* override it")
     run.add_argument("--validate-config", action="store_true", help="check the configuration, print it and exit")
     run.add_argument("--log-level", default="INFO")
+    add_threads_argument(run)
     run.set_defaults(fn=cmd_run)
     rnd = sub.add_parser("round", help="`fedge-hub round start`: ask the running hub for a round now")
     rnd.add_argument("action", choices=["start"])

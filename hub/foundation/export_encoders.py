@@ -10,7 +10,6 @@ weights, which the hub checks before serving contributions made with these encod
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from pathlib import Path
@@ -135,12 +134,9 @@ def export_encoders(model_dir: Path, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry for `fedge-hub export-encoders`."""
-    ap = argparse.ArgumentParser(prog="fedge-hub export-encoders", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--model", type=Path, required=True, help="local Stable Diffusion directory (diffusers layout)")
-    ap.add_argument("--out", type=Path, required=True, help="where the ONNX encoders and manifest.json go")
-    args = ap.parse_args(argv)
-    manifest = export_encoders(args.model, args.out)
-    print(json.dumps({k: manifest[k] for k in ("text", "image") if k in manifest}, indent=1))
-    return 0
+    """Entry for `python -m hub.foundation.export_encoders` (the arguments are parsed in hub.cli, without torch)."""
+    import sys
+
+    from hub.cli import main as cli_main
+
+    return cli_main(["export-encoders", *(sys.argv[1:] if argv is None else argv)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import shutil
@@ -149,15 +150,10 @@ def evaluate(
     return {**quality, "synthesis": asdict(synthesis), "command": command}
 
 
-def evaluate_main(argv: list[str]) -> int:
-    """Entry for `fedge-hub foundation evaluate`: recompute a bundle's quality and rewrite its manifest."""
-    import argparse
-
+def evaluate_from_args(args: argparse.Namespace, command: str) -> int:
+    """`fedge-hub foundation evaluate` once hub.cli has parsed its arguments: recompute and rewrite the quality."""
     import bundled
 
-    ap = argparse.ArgumentParser(prog="fedge-hub foundation evaluate", description=evaluate_main.__doc__)
-    ap.add_argument("--bundle", default="digits", help="bundled model name or bundle directory")
-    args = ap.parse_args(argv)
     path = Path(args.bundle) if Path(args.bundle).is_dir() else bundled.path(args.bundle)
     fm = load(path)
     ds = fm.manifest["dataset"]
@@ -166,27 +162,15 @@ def evaluate_main(argv: list[str]) -> int:
     if sp.public_hash() != ds["public_indices_sha256"]:
         raise SystemExit(f"{ds['name']} no longer splits as it did when {path} was trained")
     manifest = dict(fm.manifest)
-    manifest["quality"] = evaluate(
-        fm, data, sp, int(manifest["recipe"]["seed"]), "fedge-hub foundation evaluate " + " ".join(argv)
-    )
+    manifest["quality"] = evaluate(fm, data, sp, int(manifest["recipe"]["seed"]), command)
     manifest.pop("files", None)
     write_manifest(path, manifest)
     print(json.dumps(manifest["quality"], indent=1))
     return 0
 
 
-def main(argv: list[str]) -> int:
-    """Entry for `fedge-hub foundation train`."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="fedge-hub foundation train", description=__doc__)
-    ap.add_argument("--dataset", default="digits", help="digits, mnist (14x14), or a folder <label>/<sample>")
-    ap.add_argument("--out", type=Path, help="bundle directory (default: bundled/<dataset>)")
-    ap.add_argument("--name", help="bundle name used in the encoder id (default: the dataset name)")
-    ap.add_argument("--diffusion-steps", type=int, help="override the recipe's generator steps")
-    ap.add_argument("--simclr-steps", type=int, help="override the recipe's encoder steps")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+def train_from_args(args: argparse.Namespace, command: str) -> int:
+    """`fedge-hub foundation train` once hub.cli has parsed its arguments (without torch) and sized the threads."""
     size = datasets.load(args.dataset).image_size
     recipe = default_recipe(args.dataset, size)
     overrides: dict[str, int] = {"seed": args.seed}
@@ -199,8 +183,22 @@ def main(argv: list[str]) -> int:
     import bundled
 
     out = args.out or (bundled.ROOT / name)
-    train_bundle(recipe, out, command="fedge-hub foundation train " + " ".join(argv), name=name)
+    train_bundle(recipe, out, command=command, name=name)
     return 0
+
+
+def evaluate_main(argv: list[str]) -> int:
+    """Entry for `fedge-hub foundation evaluate` (the arguments are parsed in hub.cli)."""
+    from hub.cli import main as cli_main
+
+    return cli_main(["foundation", "evaluate", *argv])
+
+
+def main(argv: list[str]) -> int:
+    """Entry for `python -m hub.foundation.train` (the arguments are parsed in hub.cli, which loads no torch)."""
+    from hub.cli import main as cli_main
+
+    return cli_main(["foundation", "train", *argv])
 
 
 if __name__ == "__main__":
