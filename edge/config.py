@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract import signing
 from contract.payloads import SiteId
 from contract.topics import DEFAULT_PREFIX
 from runtime.mqtt import BrokerSettings
@@ -54,6 +55,23 @@ class EdgeSettings(BaseSettings):
         description="The hub's Ed25519 public key (PEM) that model manifests must be signed with. When absent, the "
         "site trusts the key the hub first publishes in hub/status and pins it (trust on first use, logged).",
     )
+    operator_public_key_files: list[Path] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (PEM) of the operators who may sign forget requests for this site "
+        "(fedge-edge keygen makes a pair). Empty: every forget request is refused with unknown_key.",
+    )
+    site_key_file: Path | None = Field(
+        default=None,
+        description="The site's own Ed25519 private key (PEM), which signs its forget receipts. When absent, the site "
+        "uses <state_dir>/keys/site.pem, created on first start (its public half beside it, site.pub.pem).",
+    )
+    forget_max_age_s: float = Field(
+        default=86400.0,
+        gt=0,
+        le=366 * 86400,
+        description="A forget request issued longer ago than this (or more than 300 s ahead of the site's clock) is "
+        "refused as a replay.",
+    )
     prefer_cuda: bool = Field(default=True, description="Use onnxruntime's CUDA provider when this build has it.")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     topic_prefix: str = Field(default=DEFAULT_PREFIX, description="Prefix of every topic.")
@@ -70,4 +88,21 @@ class EdgeSettings(BaseSettings):
             raise ValueError(
                 f"sd_encoders_dir {self.sd_encoders_dir} has no manifest.json (run fedge-hub export-encoders)"
             )
+        for path in self.operator_public_key_files:
+            if not path.is_file():
+                raise ValueError(f"operator public key file {path} does not exist")
+            try:
+                signing.load_public_key(path)
+            except ValueError as err:
+                raise ValueError(f"operator public key file {err} (expected an Ed25519 public key in PEM)") from None
+        if self.site_key_file is not None and not self.site_key_file.is_file():
+            raise ValueError(
+                f"site_key_file {self.site_key_file} does not exist; make one with `fedge-edge keygen --out "
+                f"{self.site_key_file}`, or leave site_key_file unset to let the site create <state_dir>/keys/site.pem"
+            )
         return self
+
+    @property
+    def site_key_path(self) -> Path:
+        """Where the site's receipt-signing key is: `site_key_file`, else `<state_dir>/keys/site.pem`."""
+        return self.site_key_file or self.state_dir / "keys" / "site.pem"

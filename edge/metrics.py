@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-SENT_KINDS = ("embeddings", "eval", "status")
-RECEIVED_KINDS = ("model", "errors", "status")
-MESSAGE_KINDS = ("hub_status", "model", "errors")
+SENT_KINDS = ("embeddings", "eval", "status", "forget_receipt", "errors")
+RECEIVED_KINDS = ("model", "errors", "status", "forget")
+MESSAGE_KINDS = ("hub_status", "model", "errors", "forget")
 OUTCOMES = ("accepted", "duplicate", "rejected")
 
 
@@ -51,6 +51,21 @@ class EdgeMetrics:
             "fedge_edge_handler_failures", "Messages whose handler failed unexpectedly (acknowledged; see the log).",
             registry=r,
         )  # fmt: skip
+        self.forget_requests = Counter(
+            "fedge_edge_forget_requests", "Forget requests, by outcome (rejections by code: fedge_edge_rejections_total).",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.forget_seconds = Histogram(
+            "fedge_edge_forget_seconds", "From a forget request persisted to its signed receipt queued for publishing.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600), registry=r,
+        )  # fmt: skip
+        self.forgotten_samples = Counter(
+            "fedge_edge_forgotten_samples", "Samples deleted for forget requests (files, index rows, embeddings).",
+            registry=r,
+        )  # fmt: skip
+        self.forget_failures = Counter(
+            "fedge_edge_forget_failures", "Forget executions that failed and will be retried (see the log).", registry=r
+        )
         self.outbox_depth = Gauge(
             "fedge_edge_outbox_depth", "Payloads waiting for the broker's acknowledgement.", registry=r
         )
@@ -69,5 +84,7 @@ class EdgeMetrics:
         for k in MESSAGE_KINDS:
             for res in OUTCOMES:
                 self.messages.labels(k, res)
+        for res in OUTCOMES:
+            self.forget_requests.labels(res)
         for s in ("train", "holdout"):
             self.samples.labels(s)

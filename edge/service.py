@@ -2,7 +2,8 @@
 
 Threads: paho's network thread runs the message handlers (they only parse, verify and queue work);
 the outbox thread publishes what the store holds until the broker acknowledges it; the main loop
-scans, encodes, contributes, installs delivered models and evaluates them. No torch anywhere.
+scans, encodes, carries out forget requests (edge/forget.py), contributes, installs delivered models and
+evaluates them. No torch anywhere.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from edge.clip import OnnxClipImageEncoder, OnnxTextEncoder, prompt_for
 from edge.config import EdgeSettings
 from edge.contribution import contribution_id_for, make_contribution
 from edge.encoder import EncoderChoice, choose_encoder
+from edge.forget import ForgetContext, Forgetter
 from edge.metrics import EdgeMetrics
 from edge.models import ChunkAssembler, GlobalModel, ModelRejected, ModelStore
 from edge.store import EdgeStore, IndexedSample
@@ -93,6 +95,17 @@ class EdgeService:
             key = signing.parse_public_pem(pinned)
             self._trusted[signing.key_id(key)] = key
         self._unverified_manifest: bytes | None = None  # a manifest that came before any trusted key
+        self.site_key = self._site_key()
+        operators = {signing.key_id(k): k for k in map(signing.load_public_key, s.operator_public_key_files)}
+        if not operators:
+            log.warning("no operator key is configured: every forget request will be refused (unknown_key); list the "
+                        "operators' public keys in operator_public_key_files")  # fmt: skip
+        self.forgetter = Forgetter(ForgetContext(
+            site_id=s.site_id, data_dir=s.data_dir, topics=self.topics, store=self.store, metrics=self.metrics,
+            operator_keys=operators, site_key=self.site_key, max_age_s=s.forget_max_age_s,
+            build_contribution=self._next_contribution, forgotten=self._forgotten, publish_now=self._publish_now,
+            wake_outbox=self._outbox_wake.set, wake_main=lambda: self._jobs.put(("forget", None)),
+        ))  # fmt: skip
         self.bus = Bus(
             f"fedge-edge-{s.site_id}",
             s.broker,
@@ -111,6 +124,30 @@ class EdgeService:
             self.store.set("model_error", reason)
         current = self.models.current()
         self.metrics.model_version.set(current[1].version if current else 0)
+
+    def _site_key(self) -> signing.Ed25519PrivateKey:
+        """The key that signs this site's receipts, created under state_dir on first start unless configured."""
+        path = self.settings.site_key_path
+        key, created = signing.load_or_create_private_key(path)
+        kid = signing.key_id(key.public_key())
+        if created:
+            log.warning("created the site's receipt-signing key %s at %s (public half: %s)", kid, path,
+                        path.with_suffix(".pub.pem"))  # fmt: skip
+        else:
+            log.info("receipts are signed with the site's key %s (%s)", kid, path)
+        return key
+
+    def _forgotten(self, sample_ids: set[str]) -> None:
+        """Deleted samples leave every in-memory cache too."""
+        self._bad_files = {k for k in self._bad_files if k[0] not in sample_ids}
+        self.metrics.samples.labels("train").set(self.store.sample_count(holdout=False))
+        self.metrics.samples.labels("holdout").set(self.store.sample_count(holdout=True))
+        self._status_dirty.set()
+
+    def _publish_now(self, topic: str, payload: bytes) -> None:
+        """Queue a publish on the network thread without the outbox (error reports: best effort, like the hub's)."""
+        self.bus.publish_nowait(topic, payload)
+        self.metrics.sent_bytes.labels("errors").inc(len(payload))
 
     # --- status and health ---
     def _on_state(self, up: bool) -> None:
@@ -164,6 +201,7 @@ class EdgeService:
             "hub_status": guarded("hub_status", self._on_hub_status, self._report),
             "model": guarded("model", self._on_manifest, self._report),
             "errors": guarded("errors", self._on_error, self._report),
+            "forget": guarded("forget", self.forgetter.intake, self._report),
         }
 
     def _subscribe(self) -> None:
@@ -172,17 +210,22 @@ class EdgeService:
         self.bus.subscribe(t.hub_status, h["hub_status"])
         self.bus.subscribe(t.hub_model, h["model"])
         self.bus.subscribe(t.site(self.settings.site_id, "errors"), h["errors"])
+        self.bus.subscribe(t.site(self.settings.site_id, "forget/request"), h["forget"])
 
     def _report(self, kind: str, msg: Message, outcome: Outcome, err: Rejected | None) -> None:
         """Every hub message ends accepted, duplicate or rejected (counted, logged; a refused model is in the status)."""
-        received = "model" if kind == "model" else "errors" if kind == "errors" else "status"
+        received = kind if kind in ("model", "errors", "forget") else "status"
         self.metrics.received_bytes.labels(received).inc(len(msg.payload))
         self.store.add_bytes("bytes_received", received, len(msg.payload))
         self.metrics.messages.labels(kind, outcome).inc()
+        if kind == "forget":
+            self.metrics.forget_requests.labels(outcome).inc()
         if err is None:
             return
         self.metrics.rejections.labels(kind, err.code).inc()
         log.error("refused %s message on %s: %s: %s", kind, msg.topic[:200], err.code, err.reason)
+        if kind == "forget":
+            self.forgetter.report(msg, err)
         if kind == "model":
             self.metrics.model_rejections.inc()
             self.store.set("model_error", err.reason)
@@ -307,6 +350,8 @@ class EdgeService:
             report = ErrorReport.model_validate(self._decode(msg.payload))
         except ValidationError as err:
             raise Rejected("invalid", f"error report: {err.errors()[0]['msg']}") from None
+        if report.topic == self.forgetter.request_topic:
+            return "accepted"  # this site's own answer to a refused forget request, heard back on its errors topic
         self.metrics.hub_errors.labels(report.code).inc()
         log.error("hub rejected %s: %s: %s", report.ref_id or "a message", report.code, report.reason)
         return "accepted"
@@ -407,14 +452,37 @@ class EdgeService:
         s = self.settings
         if time.monotonic() - self._last_change < s.settle_s:
             return None
+        if self.text_encoder is None and any(
+            (m.sample_id, m.sha256) not in self._bad_files for m in self.store.missing_embeddings()
+        ):
+            return None  # encoding still to do
+        built = self._next_contribution()
+        if built is None:
+            return None
+        c, fingerprint = built
+        payload = c.to_json_bytes()
+        self.store.enqueue(
+            c.contribution_id, "embeddings", self.topics.site(s.site_id, "embeddings"), payload,
+            meta={"contribution_id": c.contribution_id, "contributed_fingerprint": fingerprint},
+        )  # fmt: skip
+        self.metrics.contributions.inc()
+        self._outbox_wake.set()
+        self._status_dirty.set()
+        log.info("contribution %s queued: %d samples, %d labels, %d bytes", c.contribution_id[:8], c.n_samples,
+                 len(c.labels), len(payload))  # fmt: skip
+        return c
+
+    def _next_contribution(self) -> tuple[Contribution, str] | None:
+        """The contribution the encoded training set makes now and its fingerprint (shared by contributing and
+        forgetting); None when that set is the one last contributed, or when there is nothing to contribute or retract.
+        """
+        s = self.settings
         if self.text_encoder is not None:
             # Stable Diffusion hub: prompt embeddings of captions (or class-name prompts); no image is read.
             ids, labels, captions, fp = self.store.training_captions()
             encoder_id = self.text_encoder.encoder_id
             fp = f"{fp}|{s.prompt_template}"
         else:
-            if any((m.sample_id, m.sha256) not in self._bad_files for m in self.store.missing_embeddings()):
-                return None  # encoding still to do
             ids, labels, emb, fp = self.store.training_set()
             if self.clip_image is not None:
                 encoder_id = self.clip_image.encoder_id
@@ -425,15 +493,15 @@ class EdgeService:
         fingerprint = hashlib.sha256(f"{fp}|{encoder_id}|{s.k}|{s.min_group_size}".encode()).hexdigest()
         if fingerprint == self.store.get("contributed_fingerprint"):
             return None
+        previous = self.store.get("contribution_id")
+        if not ids and previous is None:
+            return None
         if self.text_encoder is not None:
             t = time.perf_counter()
             emb = self.text_encoder.encode(
                 [prompt_for(lab, cap, s.prompt_template) for lab, cap in zip(labels, captions, strict=True)]
             )
             self.metrics.encode_seconds.observe(time.perf_counter() - t)
-        previous = self.store.get("contribution_id")
-        if not ids and previous is None:
-            return None
         if ids:
             c = make_contribution(
                 s.site_id, encoder_id, emb, labels, k=s.k, min_group_size=s.min_group_size, supersedes=previous
@@ -442,22 +510,7 @@ class EdgeService:
             cid = contribution_id_for(s.site_id, encoder_id, s.k, s.min_group_size, previous, [])
             c = Contribution(contribution_id=cid, site_id=s.site_id, encoder_id=encoder_id, created_at=now(), k=s.k,
                              min_group_size=s.min_group_size, supersedes=previous, labels=[])  # fmt: skip
-        payload = c.to_json_bytes()
-        self.store.enqueue(
-            c.contribution_id, "embeddings", self.topics.site(s.site_id, "embeddings"), payload,
-            meta={"contribution_id": c.contribution_id, "contributed_fingerprint": fingerprint},
-        )  # fmt: skip
-        self.metrics.contributions.inc()
-        self._outbox_wake.set()
-        self._status_dirty.set()
-        log.info(
-            "contribution %s queued: %d samples, %d labels, %d bytes",
-            c.contribution_id[:8],
-            len(ids),
-            len(c.labels),
-            len(payload),
-        )
-        return c
+        return c, fingerprint
 
     def install(self, asm: ChunkAssembler) -> None:
         """Verify and install a fully received model, then evaluate it."""
@@ -509,15 +562,25 @@ class EdgeService:
         outbox = threading.Thread(target=self._outbox_loop, name="outbox", daemon=True)
         outbox.start()
         self.evaluate_current()  # a model installed just before a stop is evaluated now
+        self.forgetter.execute_pending()  # a request persisted or half-done before a stop (or a crash) finishes first
         if ready is not None:
             ready.set()
         next_scan = 0.0
         try:
             while not self.stop_event.is_set():
+                try:
+                    kind, job = self._jobs.get(timeout=0.2)
+                except queue.Empty:
+                    kind = None
+                if kind == "forget":
+                    # Carried out at once: resolving the selector reads the data folder itself, so the index
+                    # need not be rescanned first (a failure is logged and retried at the next scan).
+                    self.forgetter.execute_pending()
                 now = time.monotonic()
                 if now >= next_scan:
                     try:
                         self.sync()
+                        self.forgetter.execute_pending()
                         self.maybe_contribute()
                     except FileNotFoundError as err:
                         log.error("%s", err)
@@ -525,10 +588,6 @@ class EdgeService:
                         self.metrics.scan_failures.inc()
                         log.exception("scan or contribution failed; retrying in %.0f s", s.scan_interval_s)
                     next_scan = now + s.scan_interval_s
-                try:
-                    kind, job = self._jobs.get(timeout=0.2)
-                except queue.Empty:
-                    kind = None
                 if kind == "install":
                     self.install(job)  # type: ignore[arg-type]
                 if self._status_dirty.is_set() and self.bus.connected:

@@ -6,6 +6,12 @@
   outbox in the same transaction that records it as the site's latest, so a crash either loses the
   whole step (redone on restart from the same files) or keeps it whole (resent on restart).
 - meta: the latest contribution, its fingerprint, the installed model version, byte counters.
+- forget_requests: each forget request as received (write-ahead, before the broker's ack) and how far its
+  execution got: received -> deleting (the samples it covers, resolved) -> deleted -> contributed -> receipted.
+  Each step is one transaction, so a restart resumes at the step that did not commit (edge/forget.py).
+
+Deleted rows must not linger in the file's bytes: `secure_delete` zeroes freed content, and `compact`
+empties the write-ahead log and rebuilds the file after a forget.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +55,24 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS forget_requests (
+    request_id TEXT PRIMARY KEY,
+    payload BLOB NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    issued_at TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    state TEXT NOT NULL,
+    resolved TEXT,
+    samples_deleted INTEGER,
+    labels_affected TEXT,
+    superseded TEXT,
+    contribution_id TEXT,
+    receipt_id TEXT,
+    receipt BLOB,
+    updated_at TEXT NOT NULL
+);
 """
+FORGET_STATES = ("received", "deleting", "deleted", "contributed", "receipted")
 
 
 def holdout_of(sample_id: str, fraction: float) -> bool:
@@ -69,6 +93,25 @@ class IndexedSample:
 
 
 @dataclass(frozen=True)
+class ForgetRow:
+    """A forget request as the store holds it, and how far its execution got."""
+
+    request_id: str
+    payload: bytes
+    payload_sha256: str
+    issued_at: str
+    received_at: str
+    state: str
+    resolved: list[tuple[str, str, str]] | None  # (sample_id, label, path), while state is deleting
+    samples_deleted: int | None
+    labels_affected: list[str] | None
+    superseded: str | None
+    contribution_id: str | None
+    receipt_id: str | None
+    receipt: bytes | None
+
+
+@dataclass(frozen=True)
 class OutboxItem:
     """A payload waiting for the broker's acknowledgement."""
 
@@ -85,6 +128,8 @@ class EdgeStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._db = open_db(self.path, SCHEMA)
+        # Freed pages are overwritten with zeros, so a deleted sample's row does not linger in free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -188,6 +233,14 @@ class EdgeStore:
         with self._lock:
             return int(self._db.execute(q, args).fetchone()[0])
 
+    def index_rows(self) -> list[tuple[str, str, str, datetime]]:
+        """(sample_id, label, path, timestamp) of every indexed sample, held-out ones included."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sample_id, label, path, timestamp FROM samples ORDER BY sample_id"
+            ).fetchall()
+        return [(r[0], r[1], r[2], datetime.fromisoformat(r[3])) for r in rows]
+
     def missing_embeddings(self) -> list[IndexedSample]:
         """Training samples not encoded yet."""
         with self._lock:
@@ -233,15 +286,19 @@ class EdgeStore:
     def enqueue(self, msg_id: str, kind: str, topic: str, payload: bytes, meta: dict[str, str] | None = None) -> bool:
         """Durably queue a payload (and set `meta` in the same transaction); False if `msg_id` was queued before."""
         with transaction(self._db, self._lock):
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO outbox (msg_id, kind, topic, payload, created_at) VALUES (?, ?, ?, ?, ?)",
-                (msg_id, kind, topic, payload, datetime.now(UTC).isoformat()),
-            )
-            for k, v in (meta or {}).items():
-                self._set(k, v)
-            if kind in ("embeddings", "eval"):
-                latest = {"msg_id": msg_id, "topic": topic, "payload": payload.decode()}
-                self._set(f"latest_{kind}", json.dumps(latest))
+            return self._enqueue(msg_id, kind, topic, payload, meta)
+
+    def _enqueue(self, msg_id: str, kind: str, topic: str, payload: bytes, meta: dict[str, str] | None = None) -> bool:
+        """`enqueue` inside the caller's transaction."""
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO outbox (msg_id, kind, topic, payload, created_at) VALUES (?, ?, ?, ?, ?)",
+            (msg_id, kind, topic, payload, datetime.now(UTC).isoformat()),
+        )
+        for k, v in (meta or {}).items():
+            self._set(k, v)
+        if kind in ("embeddings", "eval"):
+            latest = {"msg_id": msg_id, "topic": topic, "payload": payload.decode()}
+            self._set(f"latest_{kind}", json.dumps(latest))
         return cur.rowcount == 1
 
     def requeue_latest(self, kinds: tuple[str, ...] = ("embeddings", "eval")) -> list[str]:
@@ -285,3 +342,109 @@ class EdgeStore:
             c = self.counters("bytes_sent")
             c[item.kind] = c.get(item.kind, 0) + len(item.payload)
             self._set("bytes_sent", json.dumps(c, sort_keys=True))
+
+    # --- forget requests (edge/forget.py drives the steps) ---
+    def forget_record(self, request_id: str, payload: bytes, issued_at: str, received_at: str) -> str:
+        """Persist a verified request before it is acknowledged: `new`, `same` (these bytes seen) or `different`."""
+        sha = hashlib.sha256(payload).hexdigest()
+        with transaction(self._db, self._lock):
+            row = self._db.execute(
+                "SELECT payload_sha256 FROM forget_requests WHERE request_id = ?", (request_id,)
+            ).fetchone()
+            if row is not None:
+                return "same" if row[0] == sha else "different"
+            self._db.execute(
+                "INSERT INTO forget_requests (request_id, payload, payload_sha256, issued_at, received_at, state, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, 'received', ?)",
+                (request_id, payload, sha, issued_at, received_at, datetime.now(UTC).isoformat()),
+            )
+        return "new"
+
+    def forget_row(self, request_id: str) -> ForgetRow | None:
+        """One forget request, or None."""
+        rows = self._forget_rows("WHERE request_id = ?", (request_id,))
+        return rows[0] if rows else None
+
+    def forget_rows(self, unfinished: bool = False) -> list[ForgetRow]:
+        """Forget requests in the order they were received (only those without a receipt, with `unfinished`)."""
+        return self._forget_rows("WHERE state != 'receipted'" if unfinished else "", ())
+
+    def _forget_rows(self, where: str, args: tuple) -> list[ForgetRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT request_id, payload, payload_sha256, issued_at, received_at, state, resolved, samples_deleted, "
+                f"labels_affected, superseded, contribution_id, receipt_id, receipt FROM forget_requests {where} "
+                "ORDER BY rowid",
+                args,
+            ).fetchall()
+        return [
+            ForgetRow(r[0], bytes(r[1]), r[2], r[3], r[4], r[5],
+                      [tuple(x) for x in json.loads(r[6])] if r[6] is not None else None,  # type: ignore[misc]
+                      r[7], json.loads(r[8]) if r[8] is not None else None, r[9], r[10], r[11],
+                      bytes(r[12]) if r[12] is not None else None)
+            for r in rows
+        ]  # fmt: skip
+
+    def _forget_state(self, request_id: str, expected: str, new: str, **fields: object) -> None:
+        """Move a request from `expected` to `new` (setting `fields`) inside the caller's transaction."""
+        cols = "".join(f", {k} = ?" for k in fields)
+        cur = self._db.execute(
+            f"UPDATE forget_requests SET state = ?, updated_at = ?{cols} WHERE request_id = ? AND state = ?",
+            (new, datetime.now(UTC).isoformat(), *fields.values(), request_id, expected),
+        )
+        if cur.rowcount != 1:
+            raise RuntimeError(f"forget request {request_id} is not in state {expected!r}")
+
+    def forget_resolved(self, request_id: str, resolved: list[tuple[str, str, str]]) -> None:
+        """received -> deleting: the (sample_id, label, path) the request covers, fixed before anything is deleted."""
+        with transaction(self._db, self._lock):
+            self._forget_state(request_id, "received", "deleting", resolved=json.dumps(resolved))
+
+    def forget_deleted(self, request_id: str, resolved: list[tuple[str, str, str]], labels: list[str]) -> None:
+        """deleting -> deleted: the index rows (embeddings included) go in the same transaction as the state.
+
+        The resolved list (sample ids and paths) is cleared: once deleted, the site keeps only the count and labels.
+        """
+        with transaction(self._db, self._lock):
+            self._db.executemany(
+                "DELETE FROM samples WHERE sample_id = ? AND path = ?", [(sid, path) for sid, _, path in resolved]
+            )
+            self._forget_state(request_id, "deleting", "deleted", resolved=None, samples_deleted=len(resolved),
+                               labels_affected=json.dumps(labels))  # fmt: skip
+
+    def forget_contributed(
+        self,
+        request_id: str,
+        superseded: str | None,
+        contribution_id: str | None,
+        message: tuple[str, str, bytes, dict[str, str]] | None,
+    ) -> None:
+        """deleted -> contributed: the superseding contribution (msg_id, topic, payload, meta) enters the outbox too."""
+        with transaction(self._db, self._lock):
+            if message is not None:
+                msg_id, topic, payload, meta = message
+                self._enqueue(msg_id, "embeddings", topic, payload, meta)
+            self._forget_state(request_id, "deleted", "contributed", superseded=superseded,
+                               contribution_id=contribution_id)  # fmt: skip
+
+    def forget_receipted(self, request_id: str, receipt_id: str, topic: str, receipt: bytes) -> None:
+        """contributed -> receipted: the signed receipt enters the outbox (after the contribution) and is kept."""
+        with transaction(self._db, self._lock):
+            self._enqueue(receipt_id, "forget_receipt", topic, receipt)
+            self._forget_state(request_id, "contributed", "receipted", receipt_id=receipt_id, receipt=receipt)
+
+    def compact(self, attempts: int = 10) -> None:
+        """Rewrite the file without free pages and empty the write-ahead log, so deleted rows leave no bytes behind.
+
+        A checkpoint cannot reset the log while another connection reads an older snapshot; it is retried
+        briefly, then RuntimeError (the forget step is retried later, and its receipt waits for it).
+        """
+        with self._lock:
+            for i in range(attempts):
+                busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                if not busy:
+                    self._db.execute("VACUUM")
+                    if not self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
+                        return
+                time.sleep(0.05 * (i + 1))
+        raise RuntimeError(f"{self.path}: could not checkpoint the write-ahead log (another reader holds it)")
