@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import bundled
-from contract.payloads import Evaluation, ModelManifest, SiteStatus
+from contract import signing
+from contract.payloads import Evaluation, ForgetReceipt, ModelManifest, SiteStatus, UnlearningCertificate, new_id, now
 from contract.topics import Topics
 from edge.models import GlobalModel
 from hub import datasets
@@ -110,12 +111,25 @@ class Observer:
     statuses: dict[str, SiteStatus] = field(default_factory=dict)
     evals: dict[tuple[str, int], Evaluation] = field(default_factory=dict)
     manifest: ModelManifest | None = None
+    receipts: dict[str, tuple[ForgetReceipt, float]] = field(default_factory=dict)  # request id -> (receipt, when)
+    certificates: list[tuple[UnlearningCertificate, float]] = field(default_factory=list)
     changed: threading.Event = field(default_factory=threading.Event)
 
     def attach(self, bus: Bus, topics: Topics) -> None:
         bus.subscribe(topics.all_sites("status"), self._status)
         bus.subscribe(topics.all_sites("eval"), self._eval)
         bus.subscribe(topics.hub_model, self._model)
+        bus.subscribe(topics.all_sites("forget/receipt"), self._receipt)
+        bus.subscribe(topics.hub_certificate, self._certificate)
+
+    def _receipt(self, msg: Message) -> None:
+        r = ForgetReceipt.model_validate_json(msg.payload)
+        self.receipts[r.request_id] = (r, time.time())
+        self.changed.set()
+
+    def _certificate(self, msg: Message) -> None:
+        self.certificates.append((UnlearningCertificate.model_validate_json(msg.payload), time.time()))
+        self.changed.set()
 
     def _status(self, msg: Message) -> None:
         s = SiteStatus.model_validate_json(msg.payload)
@@ -132,10 +146,10 @@ class Observer:
             self.manifest = ModelManifest.model_validate_json(msg.payload)
             self.changed.set()
 
-    def done(self, sites: list[str]) -> bool:
-        """Every site runs the current model, has reported on it and has an empty outbox."""
+    def done(self, sites: list[str], version: int | None = None) -> bool:
+        """Every site runs the current model (at least `version`), has reported on it and has an empty outbox."""
         m = self.manifest
-        if m is None:
+        if m is None or (version is not None and m.version < version):
             return False
         return all(
             (s in self.statuses and self.statuses[s].model_version == m.version and self.statuses[s].outbox_depth == 0
@@ -200,7 +214,7 @@ def write_site_data(root: Path, n_sites: int, alpha: float, seed: int, data=None
 def run_demo(
     workdir: Path, n_sites: int = 3, alpha: float = 0.3, k: int = 4, seed: int = 0, timeout_s: float = 300,
     keep_running: bool = False, broker: str = "auto", ports: dict[str, int] | None = None,
-    while_running: Callable[[dict], None] | None = None, log=print,
+    while_running: Callable[[dict], None] | None = None, log=print, forget: bool = True,
 ) -> dict:  # fmt: skip
     """Run the demo in `workdir` (wiped first) and return its figures.
 
@@ -225,13 +239,15 @@ def run_demo(
             raise RuntimeError("could not connect to the broker")
         ports = ports or {"hub": free_port(), **{s: free_port() for s in sites}}
         b = broker.settings().model_dump(exclude_none=True)
+        operator = signing.write_keypair(workdir / "keys" / "operator.pem")  # who may ask the sites to forget
         hub_conf = {"state_dir": str(workdir / "hub"), "broker": b, "metrics_host": "127.0.0.1", "metrics_port": ports["hub"],
                     "rounds": {"min_sites": n_sites}, "synthesis": {"seed": seed}}  # fmt: skip
         (workdir / "hub.yaml").write_text(_yaml(hub_conf))
         services.start("hub", ["hub.cli", "run", "--config", str(workdir / "hub.yaml")], workdir / "logs" / "hub.log")
         for s in sites:
             conf = {"site_id": s, "data_dir": str(workdir / s / "data"), "state_dir": str(workdir / s / "state"), "k": k,
-                    "broker": b, "metrics_host": "127.0.0.1", "metrics_port": ports[s]}  # fmt: skip
+                    "broker": b, "metrics_host": "127.0.0.1", "metrics_port": ports[s],
+                    "operator_public_key_files": [str(workdir / "keys" / "operator.pub.pem")]}  # fmt: skip
             (workdir / f"{s}.yaml").write_text(_yaml(conf))
             services.start(
                 s, ["edge.cli", "run", "--config", str(workdir / f"{s}.yaml")], workdir / "logs" / f"{s}.log"
@@ -284,6 +300,7 @@ def run_demo(
             "sites": rows,
             "global_test_accuracy": test_acc,
             "model_version": m.version,
+            "first_model_version": m.version,
             "model_path": str(model_path),
             "model_bytes": m.size_bytes,
             "fedavg_50_rounds_bytes_per_site": 50 * m.fedavg_round_bytes,
@@ -291,6 +308,20 @@ def run_demo(
             "broker": broker.kind,
             "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()},
         }
+        if forget:
+            counts = np.bincount(data.labels[parts[0]], minlength=len(data.label_names))
+            label = data.label_names[int(counts.argmax())]  # the first site's most frequent label
+            result["forget"] = forget_step(
+                watch, topics, observer, services, operator, sites, label, timeout_s, log, t0
+            )
+            m = observer.manifest
+            assert m is not None
+            model_path = workdir / "hub" / "models" / f"v{m.version:04d}" / "model.onnx"
+            # The sites now run the certified model: it is the demo's model from here on.
+            result.update(model_version=m.version, model_path=str(model_path), model_bytes=m.size_bytes)
+            result["forget"]["global_test_accuracy_after"] = GlobalModel.from_manifest(model_path, m).accuracy(
+                data.images[sp.test], [data.label_names[i] for i in data.labels[sp.test]]
+            )
         if while_running is not None:
             while_running(result)
         if keep_running:
@@ -309,6 +340,54 @@ def run_demo(
         broker.stop()
 
 
+def forget_step(
+    bus: Bus, topics: Topics, observer: Observer, services: Services, operator, sites: list[str], label: str,
+    timeout_s: float, log, t0: float,
+) -> dict:  # fmt: skip
+    """Ask the first site to forget every image of `label`, as its operator would; wait for the receipt, the
+    certificate and every site running the certified model."""
+    site = sites[0]
+    status = observer.statuses[site]
+    body = {
+        "schema_version": 1, "request_id": new_id(), "site_id": site, "selector": {"kind": "label", "label": label},
+        "reason": f"demo: the operator of {site} withdraws every image of label {label}", "issued_at": now().isoformat(),
+        "issuer": "fedge demo operator",
+    }  # fmt: skip
+    payload = json.dumps(signing.sign(body, operator), separators=(",", ":")).encode()
+    sent = time.time()
+    bus.publish(topics.site(site, "forget/request"), payload)
+    log(f"{time.monotonic() - t0:6.1f} s  operator: forget request {body['request_id'][:8]} sent to {site} "
+        f"(label {label}, signed)")  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    rid = body["request_id"]
+
+    def certified() -> UnlearningCertificate | None:
+        return next((c for c, _ in observer.certificates if rid in c.request_ids), None)
+
+    while True:
+        services.check()
+        cert = certified()
+        if rid in observer.receipts and cert is not None and observer.done(sites, cert.model_version_after):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the forget request was not certified and delivered within {timeout_s:.0f} s")
+        observer.changed.wait(1.0)
+        observer.changed.clear()
+    receipt, receipt_at = observer.receipts[rid]
+    cert_at = next(t for c, t in observer.certificates if rid in c.request_ids)
+    log(f"{time.monotonic() - t0:6.1f} s  {site}: deleted {receipt.samples_deleted} samples, receipt signed "
+        f"({receipt_at - sent:.2f} s after the request)")  # fmt: skip
+    log(f"{time.monotonic() - t0:6.1f} s  hub: certificate {cert.certificate_id[:8]}: model v{cert.model_version_after} "
+        f"no longer carries {cert.removed_contributions[0][:8]} ({cert_at - sent:.1f} s after the request); "
+        "every site runs it")  # fmt: skip
+    return {
+        "site": site, "label": label, "samples_before": status.samples, "samples_deleted": receipt.samples_deleted,
+        "request_to_receipt_s": round(receipt_at - sent, 2), "request_to_certificate_s": round(cert_at - sent, 2),
+        "model_version_before": cert.model_version_before, "model_version_after": cert.model_version_after,
+        "method": cert.method, "verification": cert.verification, "certificate_id": cert.certificate_id,
+    }  # fmt: skip
+
+
 def print_table(result: dict) -> None:
     """The demo's closing table."""
     print()
@@ -323,10 +402,27 @@ def print_table(result: dict) -> None:
     sent = np.mean([s["bytes_sent"] for s in result["sites"]])
     fed = result["fedavg_50_rounds_bytes_per_site"]
     print()
-    print(f"global test accuracy:            {result['global_test_accuracy']:.1%}  (model v{result['model_version']})")
+    print(
+        f"global test accuracy:            {result['global_test_accuracy']:.1%}  (model v{result['first_model_version']})"
+    )
     print(f"bytes sent per site:             {sent:,.0f} B (prototypes + evaluation); no image left a site")
     print(f"FedAvg, 50 rounds of this model: {fed:,} B per site, up and down ({fed / sent:,.0f}x what a site sent)")
     print(f"from start to every site running the model: {result['round_trip_s']} s, over {result['broker']}")
+    f = result.get("forget")
+    if f:
+        print()
+        print(
+            f"forget request at {f['site']}: every image of label {f['label']} ({f['samples_deleted']} samples deleted)"
+        )
+        print(
+            f"  signed receipt after {f['request_to_receipt_s']} s; certificate after {f['request_to_certificate_s']} s"
+        )
+        v = f["verification"]
+        print(f"  model v{f['model_version_before']} -> v{f['model_version_after']} ({f['method']}): refit from scratch "
+              f"differs by {v.get('refit_max_abs_diff', float('nan')):g} (bit-identical: {bool(v.get('refit_bit_identical'))}); "
+              f"re-solve {v.get('unlearning_seconds', float('nan')):.2f} s")  # fmt: skip
+        print(f"  global test accuracy after forgetting: {f['global_test_accuracy_after']:.1%} (model v{f['model_version_after']}; "
+              f"the label is now learnt from the other sites' data only)")  # fmt: skip
     print("metrics endpoints (up while the services run; `fedge-hub demo --keep-running` keeps them):")
     for name, url in result["metrics"].items():
         print(f"  {name:<7} {url}")
@@ -360,9 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
                     help="auto: Mosquitto when installed, else the embedded Python broker")  # fmt: skip
     ap.add_argument("--keep-running", action="store_true", help="leave the services up until Ctrl-C")
+    ap.add_argument("--no-forget", action="store_true", help="skip the forget request after the first model")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds each phase may take before the demo gives up")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = ap.parse_args(argv)
-    result = run_demo(args.workdir, k=args.k, keep_running=args.keep_running, broker=args.broker)
+    result = run_demo(args.workdir, k=args.k, keep_running=args.keep_running, broker=args.broker,
+                      forget=not args.no_forget, timeout_s=args.timeout)  # fmt: skip
     if not args.keep_running:
         print_table(result)
     if args.json:

@@ -78,6 +78,7 @@ def test_poison_messages_cannot_stall_the_hub_even_across_a_restart(
     wait_for(lambda: c.contribution_id in hub.ledger.contribution_ids(), 30, "the valid contribution after the poison")
     wait_for(lambda: [r.state for r in hub.ledger.rounds()] == ["done"], 120, "a round on it")
     # The ledger, the round and the signed manifest name the same ids.
+    wait_for(lambda: bool(watcher.on(TOPICS.hub_model)), 60, "the model manifest")  # delivered after the ledger
     manifest = json.loads(watcher.on(TOPICS.hub_model)[-1])
     assert hub.ledger.rounds()[0].contributions == [c.contribution_id] == manifest["contributions"]
     assert [x.contribution_id for x in hub.ledger.active()] == [c.contribution_id]

@@ -42,6 +42,13 @@ def test_demo_round_over_mqtt(tmp_path: Path) -> None:
         assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest.sha256
     hub_model = Path(result["model_path"]).read_bytes()
     assert hashlib.sha256(hub_model).hexdigest() == manifest.sha256
+    # The operator's forget request: deleted at the site, receipted, certified, and the certified model everywhere.
+    f = result["forget"]
+    assert f["samples_deleted"] > 0 and f["model_version_before"] == result["first_model_version"]
+    assert f["model_version_after"] == result["model_version"] == manifest.version
+    assert f["method"] == "closed_form_exact" and f["verification"]["refit_bit_identical"] == 1.0
+    assert not list((tmp_path / "demo" / f["site"] / "data" / f["label"]).glob("*"))
+    assert f["global_test_accuracy_after"] >= 0.8
 
 
 def test_ten_kinds_of_bad_payload_are_rejected_with_a_reason(hub: HubService, mosquitto: BrokerSettings) -> None:
