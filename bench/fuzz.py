@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,20 @@ class Tally:
             self.codes.setdefault(handler, Counter())[code] += 1
 
 
+def _sign_object(payload: bytes, key) -> bytes:
+    """Sign what parses as a JSON object (a mutated one too: the mutation must then fail on its own merits)."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return payload
+    if not isinstance(body, dict):
+        return payload
+    try:
+        return json.dumps(signing.sign(body, key)).encode()
+    except (TypeError, ValueError):  # values the canonical encoding refuses (NaN): left unsigned
+        return payload
+
+
 class HubHarness:
     """A real HubService (ledger, registry, metrics) whose intake handlers are driven directly."""
 
@@ -219,25 +234,12 @@ class HubHarness:
             for r in ("accepted", "duplicate", "rejected")
         }
 
-    def _sign_if_object(self, payload: bytes) -> bytes:
-        """Sign what parses as a JSON object (a mutated one too: the mutation must then fail on its own merits)."""
-        try:
-            body = json.loads(payload)
-        except (ValueError, RecursionError):
-            return payload
-        if not isinstance(body, dict) or "@@" in payload.decode("utf-8", "replace"):
-            return payload
-        try:
-            return json.dumps(signing.sign(body, self.site_key)).encode()
-        except (TypeError, ValueError):  # values the canonical encoding refuses (NaN): left unsigned
-            return payload
-
     def run(self, kind: str, topic: str, site: str | None, payload: bytes, retain: bool, tally: Tally) -> None:
         """Drive one case and check the invariants."""
         if site is not None:
             payload = payload.replace(b'"SITE"', json.dumps(site).encode())
         if kind == "forget/receipt":
-            payload = self._sign_if_object(payload)
+            payload = _sign_object(payload, self.site_key)
         before, counts = self.state(), self.outcome_counts(kind)
         internal = self.hub.metrics.registry.get_sample_value("fedge_hub_rejections_total", {"code": "internal"}) or 0
         self.handlers[kind](Message(topic, payload, retain))
@@ -279,10 +281,12 @@ class EdgeHarness:
         from edge.service import EdgeService
 
         self.key = signing.write_keypair(root / "hub.pem")
+        self.operator = signing.write_keypair(root / "operator.pem")
         (root / "data").mkdir(parents=True, exist_ok=True)
         settings = EdgeSettings(
             site_id="site-a", data_dir=root / "data", state_dir=root / "edge", bundle=str(bundle),
-            hub_public_key_file=root / "hub.pub.pem", metrics_port=None,
+            hub_public_key_file=root / "hub.pub.pem", operator_public_key_files=[root / "operator.pub.pem"],
+            metrics_port=None,
         )  # fmt: skip
         self.edge = EdgeService(settings)
         self.handlers = self.edge.handlers()
@@ -298,6 +302,17 @@ class EdgeHarness:
             "state": draw(st.sampled_from(["online", "offline", "training"])), "at": "2026-11-22T03:10:37.000Z",
             "model_version": 1, "active_contributions": 3, "encoders": [{"encoder_id": "enc", "dim": 32}],
             "min_group_size": 5,
+        }  # fmt: skip
+
+    def valid_forget(self, draw) -> dict:
+        """A forget request for this site (signed by the operator once the case is drawn, mutations included)."""
+        selector = draw(st.sampled_from([
+            {"kind": "label", "label": "7"}, {"kind": "all"}, {"kind": "samples", "sample_ids": ["s1", "s2"]},
+            {"kind": "time_window", "since": "2026-01-01T00:00:00+00:00"},
+        ]))  # fmt: skip
+        return {
+            "schema_version": 1, "request_id": draw(IDS), "site_id": "site-a", "selector": selector,
+            "reason": "fuzz", "issued_at": datetime.now(UTC).isoformat(), "issuer": "bench/fuzz",
         }  # fmt: skip
 
     def valid_manifest(self, draw) -> dict:
@@ -333,6 +348,8 @@ class EdgeHarness:
         reg = self.edge.metrics.registry
         before = {r: reg.get_sample_value("fedge_edge_messages_total", {"kind": kind, "result": r}) or 0.0
                   for r in ("accepted", "duplicate", "rejected")}  # fmt: skip
+        if kind == "forget":
+            payload = _sign_object(payload, self.operator)
         codes = self._codes(kind)
         versions = self.edge.models.versions()
         self.handlers[kind](Message(topic, payload, retain))
@@ -375,6 +392,7 @@ def run_all(cases: int, bundle: Path, root: Path, base_seed: int = 0, log: Calla
         ("hub_status", TOPICS.hub_status, edge.valid_status),
         ("model", TOPICS.hub_model, edge.valid_manifest),
         ("errors", TOPICS.site("site-a", "errors"), edge.valid_error),
+        ("forget", TOPICS.site("site-a", "forget/request"), edge.valid_forget),
     )
     for i, (kind, topic, valid) in enumerate(edge_cases):
         drivers.append((f"edge/{kind}", _edge_driver(edge, kind, topic, valid, cfg, base_seed + 10 + i, tally)))

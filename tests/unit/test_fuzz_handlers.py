@@ -23,6 +23,7 @@ def test_every_generated_payload_ends_accepted_duplicate_or_rejected(tiny_bundle
         "edge/hub_status",
         "edge/model",
         "edge/errors",
+        "edge/forget",
     }
     for handler, counts in tally.outcomes.items():
         assert sum(counts.values()) >= CASES, handler
