@@ -212,7 +212,7 @@ def write_site_data(root: Path, n_sites: int, alpha: float, seed: int, data=None
 
 
 def run_demo(
-    workdir: Path, n_sites: int = 3, alpha: float = 0.3, k: int = 4, seed: int = 0, timeout_s: float = 300,
+    workdir: Path, n_sites: int = 3, alpha: float = 0.3, k: int = 4, seed: int = 0, timeout_s: float = 600,
     keep_running: bool = False, broker: str = "auto", ports: dict[str, int] | None = None,
     while_running: Callable[[dict], None] | None = None, log=print, forget: bool = True,
 ) -> dict:  # fmt: skip

@@ -24,6 +24,9 @@ class Rejected(Exception):
     """A message refused, with a machine-readable code and a sentence for people."""
 
     def __init__(self, code: str, reason: str, ref_id: str | None = None):
+        # Reasons often quote the offending input; a lone surrogate from a hostile payload ("\ud800") cannot be
+        # stored in SQLite or sent as UTF-8, so it is escaped here, once, for every place the reason goes.
+        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(f"{code}: {reason}")
         self.code, self.reason, self.ref_id = code, reason, ref_id
 

@@ -68,3 +68,17 @@ def test_a_round_is_claimed_once_and_an_interrupted_one_is_failed_and_requested_
     assert ledger.redo_interrupted_rounds() == []  # nothing is running any more
     assert ledger.claim_round() == rid + 1
     assert ledger.last_trained_set() is None
+
+
+def test_a_rejection_quoting_a_lone_surrogate_is_recorded(tmp_path: Path) -> None:
+    """Found by bench/fuzz: a reason quoting hostile input could not be stored, so the rejection went unrecorded."""
+    from contract.payloads import ErrorReport, new_id, now
+    from runtime.outcomes import Rejected
+
+    err = Rejected("invalid", "key '\ud800' appears twice in one object")
+    ledger = Ledger(tmp_path / "l.sqlite")
+    report = ErrorReport(error_id=new_id(), site_id="site-a", at=now(), topic="t", code="invalid", reason=err.reason,
+                         payload_sha256="0" * 64, payload_bytes=3)  # fmt: skip
+    ledger.reject(report)
+    assert report.model_dump_json()  # and it can be sent
+    assert [r["reason"] for r in ledger.rejections()] == ["key '\\ud800' appears twice in one object"]
