@@ -215,6 +215,9 @@ class HubStatus(BaseModel):
     at: AwareDatetime
     model_version: ModelVersionNumber | None = None
     active_contributions: Count | None = None
+    waiting_for_sites: Count | None = Field(
+        default=None, description="How many more sites must contribute before the hub starts a round on its own."
+    )
     encoders: list[EncoderInfo] = Field(default_factory=list, description="Encoders whose embeddings the hub accepts.")
     min_group_size: int | None = Field(
         default=None, ge=1, le=MAX_COUNT, description="Fewest samples a prototype must average for this hub."

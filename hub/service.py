@@ -106,6 +106,7 @@ class HubService:
         self.stop_event = threading.Event()
         self._republish = threading.Event()
         self._pending_since: float | None = None
+        self._waiting_logged: int | None = None  # active sites when "waiting for sites" was last said
         self._failed: tuple[set[str], float] | None = None  # contributions of the last failed round, and when
         self._state = "online"
         self.session_id = new_id()
@@ -132,6 +133,7 @@ class HubService:
             at=now(),
             model_version=latest.version if latest else None,
             active_contributions=self.ledger.counts_by_state()["active"],
+            waiting_for_sites=self._waiting_for_sites(),
             encoders=[EncoderInfo(encoder_id=e, dim=d) for e, d in sorted(self.encoders.items())],
             min_group_size=self.settings.min_group_size,
             key_id=self.key_id,
@@ -146,6 +148,13 @@ class HubService:
             self.metrics.sent_bytes.labels("status").inc(len(payload))
         except NotConnected as err:
             log.warning("hub status not published: %s", err)
+
+    def _waiting_for_sites(self) -> int | None:
+        """Sites still missing before the policy starts a round on new input; None when nothing waits."""
+        active = self.ledger.active_ids()
+        if not active or active == (self.ledger.last_trained_set() or set()):
+            return None
+        return max(0, self.settings.rounds.min_sites - len(active)) or None
 
     def health(self) -> tuple[bool, dict]:
         """For /healthz: healthy while connected to the broker and no message has been stuck in intake too long."""
@@ -275,6 +284,12 @@ class HubService:
             trigger = "deadline"
         if trigger:
             self.ledger.request_round(trigger)
+        elif self._waiting_logged != len(active):
+            self._waiting_logged = len(active)
+            log.info("new input from %d site(s); waiting for %d more before a round (rounds.min_sites=%d%s)",
+                     len(active), p.min_sites - len(active), p.min_sites,
+                     f", or {p.deadline_s:g} s" if p.deadline_s else "; `fedge-hub round start` runs one now")  # fmt: skip
+            self._publish_status(self._state)
         return trigger
 
     def run_round(self, round_id: int) -> ModelVersion | None:
@@ -285,9 +300,14 @@ class HubService:
             self.ledger.finish_round(round_id, ids, None, "no active contribution carries samples")
             self.metrics.rounds.labels("failed").inc()
             return None
+        before = self.registry.latest()
+        if before is not None and set(ids) == (self.ledger.last_trained_set() or set()):
+            # A second `round start` with nothing new would ship an identical model under a new version.
+            log.info("round %d: nothing changed since model v%d; not retrained", round_id, before.version)
+            self.ledger.finish_round(round_id, ids, before.version)
+            return None
         self._publish_status("training")
         started = time.perf_counter()
-        before = self.registry.latest()
         log.info(
             "round %d: %d contributions from %d sites", round_id, len(ids), len({c.site_id for c in contributions})
         )

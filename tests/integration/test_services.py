@@ -202,6 +202,12 @@ def test_round_start_command_runs_a_round_below_the_site_minimum(
     view = json.loads(status.stdout)
     assert view["contributions"] == {"active": 1, "superseded": 0}
     assert [(r["trigger"], r["state"], r["model_version"]) for r in view["rounds"]] == [("manual", "done", 1)]
+    # Asking again with nothing new ships no second, identical model.
+    again = subprocess.run([sys.executable, "-m", "hub.cli", "round", "start", "--config", str(conf)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    wait_for(lambda: len(hub.ledger.rounds()) == 2 and hub.ledger.rounds()[1].state == "done", 60, "the second round")
+    assert hub.ledger.rounds()[1].model_version == 1 and hub.registry.versions() == [1]
     watcher.stop()
 
 
