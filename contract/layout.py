@@ -42,6 +42,23 @@ def read_image(path: Path) -> np.ndarray:
         return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
 
 
+def fit_image(image: np.ndarray, size: int) -> np.ndarray:
+    """An image [H, W] in [0, 1] brought to the encoder's input [size, size], the edge's one resizing policy.
+
+    The whole image is resized, its aspect ratio not kept, so no part of an inspection image is cut
+    away; area averaging (Pillow's BOX filter) when shrinking, bilinear when enlarging. Colour was
+    already converted to luminance by `read_image`.
+    """
+    if image.shape == (size, size):
+        return image
+    from PIL import Image
+
+    shrink = image.shape[0] > size or image.shape[1] > size
+    resample = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
+    out = np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize((size, size), resample), np.float32)
+    return np.clip(out, 0.0, 1.0)
+
+
 def scan(data_dir: Path) -> list[LocalSample]:
     """Every sample under `data_dir`, sorted by label then id."""
     data_dir = Path(data_dir)

@@ -186,6 +186,11 @@ class SiteStatus(BaseModel):
     model_error: str | None = Field(
         default=None, description="Why the newest delivered or stored model is not the one running, if it is not."
     )
+    unreadable_samples: Count = Field(default=0, description="Local files the site could not read (see its log).")
+    skipped_labels: list[Label] = Field(
+        default_factory=list, max_length=MAX_LABELS,
+        description="Labels not contributed: fewer training samples than min_group_size.",
+    )  # fmt: skip
     outbox_depth: Count | None = Field(default=None, description="Messages not yet acknowledged by the broker.")
     bytes_sent: dict[str, Count] = Field(default_factory=dict, description="Payload bytes published, by message kind.")
     bytes_received: dict[str, Count] = Field(default_factory=dict, description="Payload bytes received, by kind.")

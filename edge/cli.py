@@ -45,7 +45,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify images with a delivered global model: `--model FILE` (manifest.json beside it) or the installed one."""
-    from contract.layout import read_image
+    from contract.layout import fit_image, read_image
     from edge.models import GlobalModel, ModelStore
 
     if args.model is not None:
@@ -60,7 +60,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"error: no model installed under {settings.state_dir / 'models'} yet", file=sys.stderr)
             return 2
         model = GlobalModel.from_manifest(*current)
-    images = np.stack([read_image(Path(p)) for p in args.paths])[:, None]
+    images = np.stack([fit_image(read_image(Path(p)), model.image_size) for p in args.paths])[:, None]
     for p, label in zip(args.paths, model.predict(images), strict=True):
         print(f"{p}\t{label}")
     return 0

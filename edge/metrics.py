@@ -27,8 +27,16 @@ class EdgeMetrics:
         )  # fmt: skip
         self.encoded_samples = Counter("fedge_edge_encoded_samples", "Samples encoded.", registry=r)
         self.unreadable_samples = Counter(
-            "fedge_edge_unreadable_samples", "Local files that could not be read or had the wrong size.", registry=r
+            "fedge_edge_unreadable_samples", "Local files that could not be read.", registry=r
         )
+        self.resized_samples = Counter(
+            "fedge_edge_resized_samples", "Local images resized to the encoder's input (contract/layout.fit_image).",
+            registry=r,
+        )  # fmt: skip
+        self.skipped_labels = Gauge(
+            "fedge_edge_skipped_labels", "Labels left out of the contribution: fewer samples than min_group_size.",
+            registry=r,
+        )  # fmt: skip
         self.scan_failures = Counter(
             "fedge_edge_scan_failures", "Scans or contributions that failed unexpectedly (see the log).", registry=r
         )

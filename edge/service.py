@@ -22,7 +22,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_when_ev
 
 import bundled
 from contract import decode, signing
-from contract.layout import read_image, scan
+from contract.layout import fit_image, read_image, scan
 from contract.payloads import (
     SCHEMA_VERSION,
     Contribution,
@@ -82,6 +82,7 @@ class EdgeService:
         self._assembler: ChunkAssembler | None = None
         self._assembler_lock = threading.Lock()
         self._bad_files: set[tuple[str, str]] = set()
+        self._skipped_labels: list[str] = []  # labels with too few samples for one prototype
         self._last_change = 0.0
         # Set once any hub status (retained) has arrived: until a hub has ever subscribed, publishing
         # would reach nobody, so the outbox holds everything.
@@ -165,6 +166,8 @@ class EdgeService:
             state=state,
             at=now(),
             model_error=self.store.get("model_error"),
+            unreadable_samples=len(self._bad_files),
+            skipped_labels=self._skipped_labels,
             encoder=EncoderStatus(encoder_id=enc.encoder_id, variant=enc.variant, provider=enc.provider)
             if enc
             else None,
@@ -386,7 +389,8 @@ class EdgeService:
 
     # --- main loop work ---
     def _load(self, samples: list[IndexedSample], size: int | None) -> tuple[list[IndexedSample], list[np.ndarray]]:
-        """Images of `samples` that can be read (and have side `size`, when given); others are logged once and skipped."""
+        """Images of `samples` that can be read, resized to side `size` when given (contract/layout.fit_image: the
+        whole image, grayscale); unreadable ones are logged once, counted and reported in the status, and skipped."""
         ok, images = [], []
         for smp in samples:
             key = (smp.sample_id, smp.sha256)
@@ -395,10 +399,12 @@ class EdgeService:
             try:
                 im = read_image(smp.path)
                 if size is not None and im.shape != (size, size):
-                    raise ValueError(f"image is {im.shape[0]}x{im.shape[1]}, {size}x{size} expected")
+                    im = fit_image(im, size)
+                    self.metrics.resized_samples.inc()
             except (OSError, ValueError) as err:
                 self._bad_files.add(key)
                 self.metrics.unreadable_samples.inc()
+                self._status_dirty.set()
                 log.error("skipping sample %s (%s): %s", smp.sample_id, smp.path, err)
                 continue
             ok.append(smp)
@@ -502,6 +508,17 @@ class EdgeService:
                 [prompt_for(lab, cap, s.prompt_template) for lab, cap in zip(labels, captions, strict=True)]
             )
             self.metrics.encode_seconds.observe(time.perf_counter() - t)
+        counts: dict[str, int] = {}
+        for lab in labels:
+            counts[lab] = counts.get(lab, 0) + 1
+        small = sorted(lab for lab, n in counts.items() if n < s.min_group_size)
+        if small != self._skipped_labels:
+            self._skipped_labels = small
+            self.metrics.skipped_labels.set(len(small))
+            self._status_dirty.set()
+            if small:
+                log.warning("label(s) %s have fewer than %d training samples: no prototype can average them, so they "
+                            "are not contributed (min_group_size)", ", ".join(small), s.min_group_size)  # fmt: skip
         if ids:
             c = make_contribution(
                 s.site_id, encoder_id, emb, labels, k=s.k, min_group_size=s.min_group_size, supersedes=previous
