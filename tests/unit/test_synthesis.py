@@ -1,4 +1,4 @@
-"""Synthesis on a real (tiny, seeded) diffusers model: determinism, tagging, independence, cache."""
+"""Synthesis on a real (tiny, seeded) diffusers model: determinism (to the trained model), tagging, cache."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from edge.contribution import make_contribution
+from hub.export import export_classifier
 from hub.foundation.bundle import load
+from hub.rounds import TrainConfig, run_round
 from hub.synthesis import SynthesisConfig, Synthesizer, samples_for
 
 CFG = SynthesisConfig(samples_per_count=1.0, min_per_prototype=2, steps=3, batch_size=16)
@@ -73,3 +75,30 @@ def test_foreign_encoder_is_refused(fm) -> None:
     c = site_contribution(fm, "s1", 0).model_copy(update={"encoder_id": "someone-else"})
     with pytest.raises(ValueError, match="encoded by 'someone-else'"):
         Synthesizer(fm, CFG, progress=False).synthesize(c)
+
+
+def onnx_logits(fm, contributions, seed: int, tmp: Path) -> np.ndarray:
+    """One round from scratch (a fresh synthesizer, no cache), exported, run by onnxruntime on a fixed batch."""
+    import onnxruntime as ort
+
+    synth = Synthesizer(fm, replace(CFG, seed=seed), progress=False)
+    result = run_round(contributions, synth, TrainConfig(epochs=2, batch_size=16, seed=seed))
+    path = tmp / f"model-{seed}-{len(list(tmp.iterdir()))}.onnx"
+    export_classifier(result.model, path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    batch = np.random.default_rng(123).random((32, 1, 8, 8), dtype=np.float32)
+    return session.run(None, {session.get_inputs()[0].name: batch})[0]
+
+
+def test_same_inputs_and_seed_give_the_same_trained_model(fm, tmp_path: Path) -> None:
+    contributions = [site_contribution(fm, "s1", 0), site_contribution(fm, "s2", 1, labels=("b", "c"))]
+
+    first = onnx_logits(fm, contributions, 0, tmp_path)
+    again = onnx_logits(fm, list(reversed(contributions)), 0, tmp_path)  # arrival order does not matter either
+    other = onnx_logits(fm, contributions, 1, tmp_path)
+
+    assert first.shape == (32, 3)
+    np.testing.assert_array_equal(first, again)  # bit-identical logits
+    assert not np.array_equal(first, other)
