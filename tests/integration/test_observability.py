@@ -74,7 +74,10 @@ def test_metrics_scraped_linted_and_every_dashboard_query_returns_data(tmp_path:
     scraped: dict[str, dict] = {}
     answers: dict[str, list] = {}
 
+    final: dict = {}
+
     def check(result: dict) -> None:
+        final.update(result)
         # Both services over real HTTP: parse, lint with promtool, health.
         for name, port in ports.items():
             status, body = get(f"http://127.0.0.1:{port}/metrics")
@@ -112,13 +115,17 @@ def test_metrics_scraped_linted_and_every_dashboard_query_returns_data(tmp_path:
     empty = [expr for expr, result in answers.items() if not result]
     assert not empty, f"dashboard queries without data: {empty}"
     hub = scraped["hub"]
-    assert hub["fedge_hub_model_version{}"] == 1
+    # The demo's forget request made model v2, certified; every site runs it.
+    assert hub["fedge_hub_model_version{}"] == final["model_version"] == 2
+    assert hub['fedge_hub_certificates_total{"reason": "forget_request"}'] == 1
     assert hub['fedge_hub_contributions{"state": "active"}'] == 3
-    assert hub['fedge_hub_messages_total{"kind": "embeddings", "result": "accepted"}'] == 3
+    # Three sites' contributions, then site-1's superseding one after the forget request.
+    assert hub['fedge_hub_messages_total{"kind": "embeddings", "result": "accepted"}'] == 4
+    assert hub['fedge_hub_contributions{"state": "superseded"}'] == 1
     assert hub["fedge_hub_fedavg_round_bytes{}"] > 0
     for s in SITES:
         edge = scraped[s]
-        assert edge["fedge_edge_model_version{}"] == 1
+        assert edge["fedge_edge_model_version{}"] == 2
         assert 0 < edge['fedge_edge_sent_bytes_total{"kind": "embeddings"}'] < 20_000
         assert edge['fedge_edge_received_bytes_total{"kind": "model"}'] > 200_000
         assert edge["fedge_edge_broker_connected{}"] == 1
