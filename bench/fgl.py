@@ -1,10 +1,15 @@
 """bench/fgl: fedge one round against centralized, local-only, Flower FedAvg, linear-probe FedAvg, nearest prototype.
 
 One split per dataset (the bundled foundation model's own: public / private / test), private data
-spread over N sites by Dirichlet(alpha) over labels. Writes bench/results/fgl.json, fgl.md, fgl.png.
+spread over N sites by Dirichlet(alpha) over labels. Writes bench/results/fgl.json, fgl.summary.json,
+fgl.timings.json, fgl.md, fgl.png.
 
     python -m bench.fgl            # full grid (both datasets, alpha 0.1/0.5/100, N 5/20, k 1/4/16)
     python -m bench.fgl --quick    # digits, alpha 0.1, N 5: a few minutes
+
+Reproducible: two runs with the same --seed and --threads write byte-identical fgl.json and
+fgl.summary.json (every model is built after seeding, contribution ids derive from content, synthesis
+seeds derive from them, thread pools are sized). Wall-clock times go to fgl.timings.json only.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from hub.export import export_classifier
 from hub.foundation.bundle import load as load_foundation
 from hub.rounds import TrainConfig, run_round
 from hub.synthesis import SynthesisConfig, Synthesizer
+from runtime.threads import DEFAULT_THREADS, size_pools
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -69,14 +75,30 @@ def row(
     up: float,
     down: float,
     wall: float,
+    timings: dict[str, float] | None = None,
     **extra: object,
 ) -> dict:
-    """One result row."""
+    """One result row; its wall time (and any other `timings`) under the private key "_timings", kept out of fgl.json."""
     return {
         "dataset": dataset, "alpha": alpha, "sites": n, "method": method, "k": k, "rounds": rounds,
         "accuracy": round(acc, 4), "bytes_up_per_site": int(round(up)), "bytes_down_per_site": int(round(down)),
-        "wall_s": round(wall, 2), **extra,
+        **extra, "_timings": {"wall_s": round(wall, 2), **(timings or {})},
     }  # fmt: skip
+
+
+TIMED = ("dataset", "alpha", "sites", "method", "k")  # what names a row in fgl.timings.json
+
+
+def split_timings(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(rows without wall-clock fields, one timing record per row that had them)."""
+    clean, timings = [], []
+    for r in rows:
+        r = dict(r)
+        t = r.pop("_timings", None) or {k: r.pop(k) for k in ("wall_s", "synthesis_s") if k in r}
+        clean.append(r)
+        if t:
+            timings.append({**{k: r[k] for k in TIMED}, **t})
+    return clean, timings
 
 
 def onnx_size(model: SmallCNN) -> int:
@@ -90,8 +112,10 @@ def onnx_size(model: SmallCNN) -> int:
 METHODS = ("centralized", "local-only", "fedavg", "fedavg-linear-probe", "fedge")  # fedge includes nearest-prototype
 
 
-def run_dataset(name: str, grid: Grid, cache_dir: Path, log, methods: tuple[str, ...] = METHODS) -> list[dict]:
-    """Every method in `methods` at every (alpha, N) for one dataset."""
+def run_dataset(
+    name: str, grid: Grid, cache_dir: Path, log, methods: tuple[str, ...] = METHODS, threads: int = DEFAULT_THREADS
+) -> list[dict]:
+    """Every method in `methods` at every (alpha, N) for one dataset; onnxruntime uses `threads` threads."""
     data = datasets.load(name)
     fm = load_foundation(bundled.path(name))
     ds = fm.manifest["dataset"]
@@ -100,7 +124,7 @@ def run_dataset(name: str, grid: Grid, cache_dir: Path, log, methods: tuple[str,
         raise RuntimeError(f"split of {name} differs from the one the bundled model was trained on")
     nc = len(data.label_names)
     test = (data.images[sp.test], data.labels[sp.test])
-    encoder = OnnxEncoder(bundled.path(name) / "encoder.onnx")  # the edge's own encoder path
+    encoder = OnnxEncoder(bundled.path(name) / "encoder.onnx", threads=threads)  # the edge's own encoder path
     emb = np.zeros((len(data.labels), fm.dim), np.float32)
     used = np.concatenate([sp.private, sp.test])
     emb[used] = encoder.encode(data.images[used])
@@ -181,7 +205,7 @@ def run_dataset(name: str, grid: Grid, cache_dir: Path, log, methods: tuple[str,
                 pred = np.array(index)[predict(result.model, test[0])]
                 acc = float((pred == test[1]).mean())
                 rows.append(row(name, alpha, n, "fedge", k, 1, acc, up, model_bytes, encode_s + result.synthesis_s + result.training_s,
-                                synthetic_samples=int(len(result.synthetic.labels)), synthesis_s=round(result.synthesis_s, 2)))  # fmt: skip
+                                {"synthesis_s": round(result.synthesis_s, 2)}, synthetic_samples=int(len(result.synthetic.labels))))  # fmt: skip
                 log(f"{tag} k={k}: nearest-prototype {np_acc:.4f}, fedge {acc:.4f} ({up:.0f} B up/site, "
                     f"{len(result.synthetic.labels)} synthetic, {result.synthesis_s:.1f}+{result.training_s:.1f} s)")  # fmt: skip
     return rows
@@ -228,7 +252,7 @@ def markdown(rows: list[dict], checks: list[dict], meta: dict) -> str:
         f"Machine: {meta['machine']}. Runs, in order (a later run replaces the rows of the methods it names):",
         "",
     ]
-    lines += [f"- `{r['command']}`: {r['wall_s']:.0f} s" for r in meta["runs"]] + [""]
+    lines += [f"- `{r['command']}`" + (f": {r['wall_s']:.0f} s" if "wall_s" in r else "") for r in meta["runs"]] + [""]
     lines += [
         "## Acceptance (alpha = 0.1)",
         "",
@@ -250,8 +274,9 @@ def markdown(rows: list[dict], checks: list[dict], meta: dict) -> str:
         ]
         for r in (r for r in rows if (r["dataset"], r["alpha"], r["sites"]) == (ds, alpha, n)):
             acc = f"{r['accuracy']:.4f}" + (f" ± {r['accuracy_std']:.3f}" if "accuracy_std" in r else "")
+            wall = f"{r['wall_s']:.1f}" if "wall_s" in r else ""
             lines.append(
-                f"| {r['method']} | {r['k'] or ''} | {r['rounds']} | {acc} | {fmt_bytes(r['bytes_up_per_site'])} | {fmt_bytes(r['bytes_down_per_site'])} | {r['wall_s']:.1f} |"
+                f"| {r['method']} | {r['k'] or ''} | {r['rounds']} | {acc} | {fmt_bytes(r['bytes_up_per_site'])} | {fmt_bytes(r['bytes_down_per_site'])} | {wall} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -302,38 +327,58 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only", nargs="+", choices=METHODS, help="re-run these methods and replace their rows in the existing results"
     )
+    ap.add_argument(
+        "--seed", type=int, default=Grid.seed, help="seed of the split over sites, every model and synthesis"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS,
+        help="threads per torch, onnxruntime and BLAS pool (part of what decides the numbers: float sums change with it)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     methods = tuple(args.only) if args.only else METHODS
-    grid = QUICK if args.quick else Grid()
+    grid = replace(QUICK if args.quick else Grid(), seed=args.seed)
     if args.datasets:
         grid = replace(grid, datasets=tuple(args.datasets))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency: numpy's BLAS pool
+
+    ort_threads = size_pools(args.threads, import_torch=True)
+    threadpool_limits(args.threads)
     start = time.perf_counter()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or Path(tmp)
         for name in grid.datasets:
             rows += run_dataset(
-                name, grid, cache, lambda s: print(f"{time.perf_counter() - start:7.1f}s {s}", flush=True), methods
-            )
+                name, grid, cache, lambda s: print(f"{time.perf_counter() - start:7.1f}s {s}", flush=True), methods,
+                ort_threads,
+            )  # fmt: skip
     stem = "fgl-quick" if args.quick else "fgl"
     command = (
         "python -m bench.fgl"
         + (" --quick" if args.quick else "")
         + (f" --datasets {' '.join(args.datasets)}" if args.datasets else "")
         + (f" --only {' '.join(args.only)}" if args.only else "")
+        + (f" --seed {args.seed}" if args.seed != Grid.seed else "")
+        + (f" --threads {args.threads}" if args.threads != DEFAULT_THREADS else "")
     )
-    runs = [{"command": command, "wall_s": round(time.perf_counter() - start, 1)}]
+    rows, timings = split_timings(rows)
+    runs = [{"command": command}]
+    run_times = [{"command": command, "wall_s": round(time.perf_counter() - start, 1)}]
     if args.only:
         # Replace exactly the re-run (dataset, method) rows; every other row stays as it was measured.
         redone = {(r["dataset"], r["method"]) for r in rows}
-        kept = [
-            r for r in json.loads((args.out / f"{stem}.json").read_text()) if (r["dataset"], r["method"]) not in redone
-        ]
+        old_rows, old_timings = split_timings(json.loads((args.out / f"{stem}.json").read_text()))
+        timings_file = args.out / f"{stem}.timings.json"
+        if timings_file.is_file():
+            old_timings = json.loads(timings_file.read_text())["rows"]
+        kept = [r for r in old_rows if (r["dataset"], r["method"]) not in redone]
         order = {m: i for i, m in enumerate(("centralized", "local-only", "fedavg", "fedavg-linear-probe"))}
         key = lambda r: (r["dataset"], r["alpha"], r["sites"], order.get(r["method"], 9), r["k"] or 0, r["method"])  # noqa: E731
         rows = sorted(kept + rows, key=key)
-        runs = json.loads((args.out / f"{stem}.summary.json").read_text())["meta"]["runs"] + runs
+        timings = sorted([t for t in old_timings if (t["dataset"], t["method"]) not in redone] + timings, key=key)
+        old_runs = json.loads((args.out / f"{stem}.summary.json").read_text())["meta"]["runs"]
+        runs = [{"command": r["command"]} for r in old_runs] + runs
+        run_times = (json.loads(timings_file.read_text())["runs"] if timings_file.is_file() else old_runs) + run_times
     checks = acceptance(rows)
     import os
     import platform
@@ -341,16 +386,20 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "runs": runs,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "threads": args.threads,
         "grid": asdict(grid),
         "synthesis": {k: asdict(v) for k, v in SYNTHESIS.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     (args.out / f"{stem}.summary.json").write_text(json.dumps({"meta": meta, "acceptance": checks}, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(rows, checks, meta) + "\n")
+    (args.out / f"{stem}.timings.json").write_text(json.dumps({"runs": run_times, "rows": timings}, indent=1) + "\n")
+    timed = {tuple(t[k] for k in TIMED): t for t in timings}
+    shown = [{**r, **timed.get(tuple(r[k] for k in TIMED), {})} for r in rows]
+    (args.out / f"{stem}.md").write_text(markdown(shown, checks, {**meta, "runs": run_times}) + "\n")
     plot(rows, args.out / f"{stem}.png")
-    print(markdown([], checks, meta))
-    print(f"wrote {args.out / stem}.json, .summary.json, .md, .png")
+    print(markdown([], checks, {**meta, "runs": run_times}))
+    print(f"wrote {args.out / stem}.json, .summary.json, .timings.json, .md, .png")
     return 0
 
 
