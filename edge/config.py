@@ -12,6 +12,7 @@ from contract import signing
 from contract.payloads import SiteId
 from contract.topics import DEFAULT_PREFIX
 from runtime.mqtt import BrokerSettings
+from runtime.threads import DEFAULT_THREADS
 
 
 class EdgeSettings(BaseSettings):
@@ -72,6 +73,10 @@ class EdgeSettings(BaseSettings):
         description="A forget request issued longer ago than this (or more than 300 s ahead of the site's clock) is "
         "refused as a replay.",
     )
+    threads: int = Field(
+        default=DEFAULT_THREADS, ge=1, le=256,
+        description="onnxruntime intra-op threads of the encoder (runtime/threads.py): 1 suits a shared machine.",
+    )  # fmt: skip
     prefer_cuda: bool = Field(default=True, description="Use onnxruntime's CUDA provider when this build has it.")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     topic_prefix: str = Field(default=DEFAULT_PREFIX, description="Prefix of every topic.")

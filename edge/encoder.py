@@ -88,19 +88,21 @@ def _time(enc: OnnxEncoder, x: np.ndarray, repeats: int = 5) -> float:
     return best * 1000
 
 
-def choose_encoder(bundle_dir: Path, sample: np.ndarray, prefer_cuda: bool = True) -> EncoderChoice:
+def choose_encoder(
+    bundle_dir: Path, sample: np.ndarray, prefer_cuda: bool = True, threads: int | None = None
+) -> EncoderChoice:
     """Pick fp32 or int8 for this machine: int8 only if faster and its embeddings keep cosine >= 0.995.
 
     `sample` is a batch of local images used for the comparison (64 or so is plenty).
     """
     manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
-    fp32 = OnnxEncoder(Path(bundle_dir) / "encoder.onnx", prefer_cuda)
+    fp32 = OnnxEncoder(Path(bundle_dir) / "encoder.onnx", prefer_cuda, threads)
     timings = {"fp32": _time(fp32, sample)}
     int8_path = Path(bundle_dir) / "encoder.int8.onnx"
     cosine = None
     chosen, variant = fp32, "fp32"
     if int8_path.is_file() and len(sample):
-        int8 = OnnxEncoder(int8_path, prefer_cuda)
+        int8 = OnnxEncoder(int8_path, prefer_cuda, threads)
         a, b = fp32.encode(sample), int8.encode(sample)
         cosine = float(np.min((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
         timings["int8"] = _time(int8, sample)

@@ -449,7 +449,9 @@ class EdgeService:
 
     def _encoder(self, sample: np.ndarray) -> EncoderChoice:
         if self.encoder is None:
-            self.encoder = choose_encoder(self.bundle, sample[:64], prefer_cuda=self.settings.prefer_cuda)
+            self.encoder = choose_encoder(
+                self.bundle, sample[:64], prefer_cuda=self.settings.prefer_cuda, threads=self.settings.threads
+            )
             log.info("encoder %s: %s on %s", self.encoder.encoder_id, self.encoder.variant, self.encoder.provider)
         return self.encoder
 

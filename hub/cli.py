@@ -24,7 +24,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hub.rounds import TrainConfig, publish, run_round
     from hub.synthesis import SynthesisConfig, Synthesizer
 
-    size_pools(args.threads, import_torch=True)
+    size_pools(args.threads or DEFAULT_THREADS, import_torch=True)
     contributions = []
     for f in args.contributions:
         try:
@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = validate_or_exit(HubSettings, args.config, args.validate_config)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    size_pools(args.threads, import_torch=True)  # before the service builds a model or an onnxruntime session
+    size_pools(args.threads or settings.threads, import_torch=True)  # before any model or onnxruntime session
     return run_service(HubService(settings), settings, logging.getLogger("fedge.hub"))
 
 
@@ -178,7 +178,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def add_threads_argument(ap: argparse.ArgumentParser) -> None:
     """`--threads N`: torch's and onnxruntime's pool sizes (runtime/threads.py)."""
     ap.add_argument(
-        "--threads", type=int, default=DEFAULT_THREADS, metavar="N",
+        "--threads", type=int, default=None, metavar="N",
         help=f"threads per torch and onnxruntime pool (default {DEFAULT_THREADS}, for a machine shared with other "
         "work; raise it to the cores this command may use)",
     )  # fmt: skip
@@ -225,7 +225,7 @@ def export_encoders_parser() -> argparse.ArgumentParser:
 def cmd_foundation_train(args: argparse.Namespace, command: str) -> int:
     """Train a foundation bundle (torch is imported here, after the arguments are parsed)."""
 
-    size_pools(args.threads, import_torch=True)
+    size_pools(args.threads or DEFAULT_THREADS, import_torch=True)
     from hub.foundation.train import train_from_args
 
     return train_from_args(args, command)

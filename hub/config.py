@@ -13,6 +13,7 @@ from contract.topics import DEFAULT_PREFIX, SHARE_GROUP
 from hub.delivery import DEFAULT_CHUNK_BYTES
 from hub.intake import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MIN_GROUP_SIZE
 from runtime.mqtt import BrokerSettings
+from runtime.threads import DEFAULT_THREADS
 
 
 class RoundPolicy(BaseModel):
@@ -91,6 +92,11 @@ class HubSettings(BaseSettings):
     stable_diffusion: StableDiffusionSettings | None = Field(
         default=None, description="Needed when backend is stable-diffusion."
     )
+    threads: int = Field(
+        default=DEFAULT_THREADS, ge=1, le=256,
+        description="Threads per torch and onnxruntime pool (runtime/threads.py): 1 suits a machine shared with other "
+        "work; raise it to the cores this hub owns.",
+    )  # fmt: skip
     device: str = Field(default="auto", description="torch device for synthesis and training: auto, cpu or cuda.")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     topic_prefix: str = Field(default=DEFAULT_PREFIX, description="Prefix of every topic.")

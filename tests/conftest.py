@@ -7,6 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.threads import size_pools
+
+# Deliberate pool sizes for every test, whatever OMP_NUM_THREADS says: the cores are shared with the
+# services the tests start (field notes: default pools made `make test` 5x slower on a busy machine).
+size_pools(1, import_torch=True)
+
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
