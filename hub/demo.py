@@ -400,13 +400,16 @@ def print_table(result: dict) -> None:
             f"{s['bytes_received']:>15,} {s['local_accuracy']:>15.1%}"
         )
     sent = np.mean([s["bytes_sent"] for s in result["sites"]])
+    both = np.mean([s["bytes_sent"] + s["bytes_received"] for s in result["sites"]])
     fed = result["fedavg_50_rounds_bytes_per_site"]
     print()
     print(
         f"global test accuracy:            {result['global_test_accuracy']:.1%}  (model v{result['first_model_version']})"
     )
     print(f"bytes sent per site:             {sent:,.0f} B (prototypes + evaluation); no image left a site")
-    print(f"FedAvg, 50 rounds of this model: {fed:,} B per site, up and down ({fed / sent:,.0f}x what a site sent)")
+    print(f"traffic per site, up and down:   {both:,.0f} B (the signed model is most of it)")
+    print(f"FedAvg, 50 rounds of the CNN:    {fed:,} B per site, up and down ({fed / both:,.1f}x that traffic, "
+          f"{fed / sent:,.0f}x the upload)")  # fmt: skip
     print(f"from start to every site running the model: {result['round_trip_s']} s, over {result['broker']}")
     f = result.get("forget")
     if f:
