@@ -52,8 +52,11 @@ def public_pem(public_key: Ed25519PublicKey) -> str:
 
 def parse_public_pem(pem: str | bytes) -> Ed25519PublicKey:
     """An Ed25519 public key from PEM text; ValueError for anything else."""
-    data = pem.encode("ascii") if isinstance(pem, str) else pem
-    key = serialization.load_pem_public_key(data)
+    try:
+        data = pem.encode("ascii") if isinstance(pem, str) else pem
+        key = serialization.load_pem_public_key(data)
+    except Exception as err:  # malformed PEM, non-ASCII text, or a key type cryptography does not support
+        raise ValueError(f"not a PEM public key: {err}") from None
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError("not an Ed25519 public key")
     return key

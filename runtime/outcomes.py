@@ -20,15 +20,19 @@ Outcome = Literal["accepted", "duplicate", "rejected"]
 OUTCOMES: tuple[Outcome, ...] = ("accepted", "duplicate", "rejected")
 
 
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class Rejected(Exception):
     """A message refused, with a machine-readable code and a sentence for people."""
 
     def __init__(self, code: str, reason: str, ref_id: str | None = None):
-        # Reasons often quote the offending input; a lone surrogate from a hostile payload ("\ud800") cannot be
-        # stored in SQLite or sent as UTF-8, so it is escaped here, once, for every place the reason goes.
-        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
+        # Reasons and ids often come from the offending input; a lone surrogate from a hostile payload ("\ud800")
+        # cannot be stored in SQLite or sent as UTF-8, so both are escaped here, once, for every place they go.
+        reason = _printable(reason)
         super().__init__(f"{code}: {reason}")
-        self.code, self.reason, self.ref_id = code, reason, ref_id
+        self.code, self.reason, self.ref_id = code, reason, None if ref_id is None else _printable(ref_id)
 
 
 Report = Callable[[str, Message, Outcome, Rejected | None], None]

@@ -82,3 +82,13 @@ def test_a_rejection_quoting_a_lone_surrogate_is_recorded(tmp_path: Path) -> Non
     ledger.reject(report)
     assert report.model_dump_json()  # and it can be sent
     assert [r["reason"] for r in ledger.rejections()] == ["key '\\ud800' appears twice in one object"]
+
+
+def test_an_id_quoting_a_lone_surrogate_is_recorded(tmp_path: Path) -> None:
+    """Found by bench/fuzz: a hostile payload's own id, quoted as ref_id, could not be stored either."""
+    from runtime.outcomes import Rejected
+
+    err = Rejected("invalid", "samples: too large", ref_id="ab\udc80")
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.reject_raw("0" * 32, "site-a", "t", err.code, err.reason, err.ref_id, "0" * 64, 3)
+    assert ledger.rejections()[0]["ref_id"] == "ab\\udc80"
