@@ -220,6 +220,20 @@ class HubHarness:
         }  # fmt: skip
         return body
 
+    def valid_site_status(self, draw) -> dict:
+        """A valid site status (retained by design), with a time that may be older than the one kept."""
+        return {
+            "schema_version": 1, "message_id": draw(IDS), "site_id": "SITE",
+            "state": draw(st.sampled_from(["online", "offline", "stopped"])),
+            "at": f"2026-11-22T03:{draw(st.integers(0, 59)):02d}:00Z", "samples": draw(st.integers(0, 1000)),
+            "model_version": draw(st.one_of(st.none(), st.integers(1, 3))),
+            "bytes_sent": {"embeddings": draw(st.integers(0, 10**6)), "status": draw(st.integers(0, 10**6))},
+            "bytes_received": {"model": draw(st.integers(0, 10**7))},
+            "local_accuracy": draw(st.one_of(st.none(), st.floats(0, 1))),
+            "encoded_batches": draw(st.integers(0, 100)), "encode_seconds": draw(st.floats(0, 100)),
+            "forget_requests": {"accepted": draw(st.integers(0, 5))},
+        }  # fmt: skip
+
     def state(self) -> tuple[int, int, int, int]:
         """(contributions, evaluations, rejections, forget receipts) rows in the ledger."""
         db = self.hub.ledger._db
@@ -384,7 +398,8 @@ def run_all(cases: int, bundle: Path, root: Path, base_seed: int = 0, log: Calla
     edge = EdgeHarness(root / "edge", bundle)
     drivers: list[tuple[str, Callable[[], None]]] = []
     hub_kinds = (
-        ("embeddings", hub.valid_contribution), ("eval", hub.valid_evaluation), ("forget/receipt", hub.valid_receipt)
+        ("embeddings", hub.valid_contribution), ("eval", hub.valid_evaluation), ("forget/receipt", hub.valid_receipt),
+        ("status", hub.valid_site_status),
     )  # fmt: skip
     for i, (kind, valid) in enumerate(hub_kinds):
         drivers.append((f"hub/{kind}", _hub_driver(hub, kind, valid, cfg, base_seed + i, tally)))

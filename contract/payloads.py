@@ -169,6 +169,10 @@ class EncoderStatus(BaseModel):
     provider: str = Field(description="onnxruntime execution provider actually in use")
 
 
+# A message kind in a site's byte counters: becomes a metric label at the hub, so it is short and plain.
+MessageKind = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z_]{0,31}$")]
+
+
 class SiteStatus(BaseModel):
     """Retained on `site/<id>/status`: the site's state and counters. The broker's last-will sets `offline`."""
 
@@ -192,8 +196,25 @@ class SiteStatus(BaseModel):
         description="Labels not contributed: fewer training samples than min_group_size.",
     )  # fmt: skip
     outbox_depth: Count | None = Field(default=None, description="Messages not yet acknowledged by the broker.")
-    bytes_sent: dict[str, Count] = Field(default_factory=dict, description="Payload bytes published, by message kind.")
-    bytes_received: dict[str, Count] = Field(default_factory=dict, description="Payload bytes received, by kind.")
+    bytes_sent: dict[MessageKind, Count] = Field(
+        default_factory=dict, max_length=32, description="Payload bytes published, by message kind."
+    )
+    bytes_received: dict[MessageKind, Count] = Field(
+        default_factory=dict, max_length=32, description="Payload bytes received, by kind."
+    )
+    # The rest of the site's counters travel here too, so that the hub can re-export them with a `site`
+    # label: a site behind a factory firewall is never scraped, yet shows up in the dashboard.
+    local_accuracy: float | None = Field(
+        default=None, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Accuracy of the running model on the site's held-out samples.",
+    )  # fmt: skip
+    encoded_batches: Count = Field(default=0, description="Batches of samples encoded since the site started.")
+    encode_seconds: float = Field(
+        default=0.0, ge=0.0, le=1e12, allow_inf_nan=False, description="Seconds spent encoding those batches."
+    )
+    forget_requests: dict[Literal["accepted", "duplicate", "rejected"], Count] = Field(
+        default_factory=dict, description="Forget requests since the site started, by outcome."
+    )
 
 
 class EncoderInfo(BaseModel):

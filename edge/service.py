@@ -177,7 +177,22 @@ class EdgeService:
             outbox_depth=self.store.outbox_depth(),
             bytes_sent=self.store.counters("bytes_sent"),
             bytes_received=self.store.counters("bytes_received"),
+            **self._counters(),
         )
+
+    def _counters(self) -> dict:
+        """This process's counters that the status carries to the hub (which re-exports them per site)."""
+        reg = self.metrics.registry
+        accuracy = self.store.get("local_accuracy")  # of the last evaluated model, kept across restarts
+        return {
+            "local_accuracy": float(accuracy) if accuracy else None,
+            "encoded_batches": int(reg.get_sample_value("fedge_edge_encode_seconds_count") or 0),
+            "encode_seconds": float(reg.get_sample_value("fedge_edge_encode_seconds_sum") or 0.0),
+            "forget_requests": {
+                r: int(reg.get_sample_value("fedge_edge_forget_requests_total", {"result": r}) or 0)
+                for r in ("accepted", "duplicate", "rejected")
+            },
+        }
 
     def health(self) -> tuple[bool, dict]:
         """For /healthz: healthy while connected (an offline edge still keeps its data and outbox safe)."""
@@ -559,7 +574,7 @@ class EdgeService:
             samples=len(samples), accuracy=acc,
         )  # fmt: skip
         self.store.enqueue(e.eval_id, "eval", self.topics.site(self.settings.site_id, "eval"), e.model_dump_json().encode(),
-                           meta={"evaluated_version": str(manifest.version)})  # fmt: skip
+                           meta={"evaluated_version": str(manifest.version), "local_accuracy": "" if acc is None else repr(acc)})  # fmt: skip
         if acc is not None:
             self.metrics.local_accuracy.set(acc)
         self._outbox_wake.set()

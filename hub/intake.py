@@ -11,10 +11,10 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from contract import decode
-from contract.payloads import SCHEMA_VERSION, Contribution, Evaluation
+from contract.payloads import SCHEMA_VERSION, Contribution, Evaluation, SiteStatus
 from runtime.outcomes import Rejected
 
-__all__ = ["Rejected", "parse_contribution", "parse_evaluation"]
+__all__ = ["Rejected", "parse_contribution", "parse_evaluation", "parse_site_status"]
 
 # A contribution is a few KB (16 prototypes x 10 labels x 32 dims in float16 is about 14 KB of JSON).
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
@@ -109,3 +109,8 @@ def parse_evaluation(
             "unknown_model", f"model version {e.model_version} was never published here (newest: {newest})", e.eval_id
         )
     return e
+
+
+def parse_site_status(payload: bytes, topic_site: str, max_bytes: int = 16 * 1024) -> SiteStatus:
+    """Validate a site's (retained) `status` payload from `topic_site`."""
+    return _parse(payload, topic_site, SiteStatus, "message_id", max_bytes)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contract.payloads import ErrorCode
+from contract.payloads import ErrorCode, SiteStatus
 
-INGEST_KINDS = ("embeddings", "eval", "forget/receipt")
+INGEST_KINDS = ("embeddings", "eval", "forget/receipt", "status")
 SENT_KINDS = ("model", "errors", "status", "certificate")
 CERTIFICATE_REASONS = ("forget_request", "outdated", "irrelevant")
 FORGET_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -28,6 +28,94 @@ class _LedgerCollector(Collector):
         for state, n in sorted(self.counts().items()):
             g.add_metric([state], n)
         yield g
+
+
+class SiteCounters(Collector):
+    """The sites' own counters, from their latest retained status, re-exported with a `site` label.
+
+    A site behind a factory firewall has one outbound connection (to the broker) and is never scraped;
+    its status carries its counters, so the dashboard reads every site from the hub alone. Values are
+    those of the site's latest status (published when they change), not of the scrape's instant.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._sites: dict[str, SiteStatus] = {}
+
+    def update(self, status: SiteStatus) -> bool:
+        """Keep `status` unless a newer one from its site is already kept; whether it was kept."""
+        with self._lock:
+            old = self._sites.get(status.site_id)
+            if old is not None and old.at >= status.at:
+                return False
+            self._sites[status.site_id] = status
+            return True
+
+    def forget_site(self, site_id: str) -> None:
+        """Its retained status was cleared: the site is gone."""
+        with self._lock:
+            self._sites.pop(site_id, None)
+
+    def collect(self):
+        with self._lock:
+            sites = sorted(self._sites.items())
+        p = "fedge_hub_site_"
+        sent = CounterMetricFamily(
+            p + "sent_bytes", "Payload bytes a site published, by kind (its status).", labels=["site", "kind"]
+        )
+        recv = CounterMetricFamily(
+            p + "received_bytes", "Payload bytes a site received, by kind (its status).", labels=["site", "kind"]
+        )
+        batches = CounterMetricFamily(
+            p + "encoded_batches", "Batches a site encoded since it started.", labels=["site"]
+        )
+        enc_s = CounterMetricFamily(
+            p + "encode_seconds", "Seconds a site spent encoding those batches.", labels=["site"]
+        )
+        forget = CounterMetricFamily(
+            p + "forget_requests", "Forget requests at a site since it started, by outcome.", labels=["site", "result"]
+        )
+        online = GaugeMetricFamily(
+            p + "online", "1 while the site's status says online (its last will says offline).", labels=["site"]
+        )
+        version = GaugeMetricFamily(
+            p + "model_version", "Global model version the site runs (0: none).", labels=["site"]
+        )
+        accuracy = GaugeMetricFamily(
+            p + "local_accuracy", "Accuracy of the site's model on its held-out samples.", labels=["site"]
+        )
+        outbox = GaugeMetricFamily(
+            p + "outbox_depth", "Payloads the site holds that the broker has not acknowledged.", labels=["site"]
+        )
+        samples = GaugeMetricFamily(p + "samples", "Samples in the site's local index.", labels=["site"])
+        unreadable = GaugeMetricFamily(
+            p + "unreadable_samples", "Local files the site could not read.", labels=["site"]
+        )
+        at = GaugeMetricFamily(
+            p + "status_timestamp_seconds", "When the site's latest status was written (Unix time).", labels=["site"]
+        )
+        for site, st in sites:
+            for kind, n in sorted(st.bytes_sent.items()):
+                sent.add_metric([site, kind], n)
+            for kind, n in sorted(st.bytes_received.items()):
+                recv.add_metric([site, kind], n)
+            batches.add_metric([site], st.encoded_batches)
+            enc_s.add_metric([site], st.encode_seconds)
+            for result, n in sorted(st.forget_requests.items()):
+                forget.add_metric([site, result], n)
+            online.add_metric([site], 1.0 if st.state == "online" else 0.0)
+            version.add_metric([site], st.model_version or 0)
+            if st.local_accuracy is not None:
+                accuracy.add_metric([site], st.local_accuracy)
+            if st.outbox_depth is not None:
+                outbox.add_metric([site], st.outbox_depth)
+            if st.samples is not None:
+                samples.add_metric([site], st.samples)
+            unreadable.add_metric([site], st.unreadable_samples)
+            at.add_metric([site], st.at.timestamp())
+        yield from (sent, recv, batches, enc_s, forget, online, version, accuracy, outbox, samples, unreadable, at)
 
 
 class HubMetrics:
@@ -84,6 +172,8 @@ class HubMetrics:
         self.certificates = Counter(
             "fedge_hub_certificates", "Unlearning certificates published, by reason.", ["reason"], registry=r
         )
+        self.sites = SiteCounters()
+        r.register(self.sites)
         for reason in CERTIFICATE_REASONS:
             self.certificates.labels(reason)
         for k in INGEST_KINDS:

@@ -20,7 +20,7 @@ from contract.payloads import Contribution, EncoderInfo, ErrorReport, HubStatus,
 from contract.topics import Topics
 from hub.config import HubSettings
 from hub.delivery import clear_messages, model_messages
-from hub.intake import Rejected, parse_contribution, parse_evaluation
+from hub.intake import Rejected, parse_contribution, parse_evaluation, parse_site_status
 from hub.learning.exact import ExactModel
 from hub.ledger import Ledger
 from hub.metrics import HubMetrics
@@ -179,13 +179,18 @@ class HubService:
             ("embeddings", self._ingest_contribution), ("eval", self._ingest_evaluation),
             ("forget/receipt", self._ingest_receipt),
         )  # fmt: skip
-        return {kind: guarded(kind, self._from_site(apply), self._report) for kind, apply in kinds}
+        guarded_handlers = {kind: guarded(kind, self._from_site(apply), self._report) for kind, apply in kinds}
+        # A site's status is retained by design (and its last will too): read, never refused for that.
+        guarded_handlers["status"] = guarded("status", self._site_status, self._report)
+        return guarded_handlers
 
     def _subscribe(self) -> None:
         t, v5 = self.topics, self.bus.v5
         for kind, handler in self.handlers().items():
             f = t.all_sites(kind)
-            self.bus.subscribe(t.shared(f, self.settings.share_group) if v5 else f, handler)
+            # Every worker reads every site's status (each re-exports the sites' counters); the rest is shared.
+            shared = v5 and kind != "status"
+            self.bus.subscribe(t.shared(f, self.settings.share_group) if shared else f, handler)
 
     def _from_site(self, apply: Callable[[str, bytes], Outcome]) -> Callable[[Message], Outcome]:
         """Checks every site message needs before `apply(site_id, payload)`: a valid site topic, not a retained replay."""
@@ -231,6 +236,17 @@ class HubService:
         finally:  # the sender hears why even when the record could not be written
             self.bus.publish_nowait(self.topics.site(site_id, "errors"), body)
             self.metrics.sent_bytes.labels("errors").inc(len(body))
+
+    def _site_status(self, msg: Message) -> Outcome:
+        """A site's status: its counters are re-exported with a `site` label (hub/metrics.py: SiteCounters)."""
+        parsed = self.topics.parse_site(msg.topic)
+        if parsed is None:
+            raise Rejected("invalid", f"{msg.topic[:200]!r} is not a valid site topic; no errors topic to answer on")
+        if not msg.payload:  # its retained status cleared: the site was decommissioned
+            self.metrics.sites.forget_site(parsed[0])
+            return "accepted"
+        status = parse_site_status(msg.payload, parsed[0])
+        return "accepted" if self.metrics.sites.update(status) else "duplicate"
 
     def _ingest_contribution(self, site_id: str, payload: bytes) -> Outcome:
         s = self.settings

@@ -57,14 +57,19 @@ def test_dashboard_uses_the_provisioned_datasource_and_only_fedge_metrics() -> N
 def test_metrics_scraped_linted_and_every_dashboard_query_returns_data(tmp_path: Path) -> None:
     ports = {"hub": free_port(), **{s: free_port() for s in SITES}}
     prom_port = free_port()
-    edges = [{"targets": [f"127.0.0.1:{ports[s]}"], "labels": {"site": s}} for s in SITES]
+    # As deployed: Prometheus scrapes the hub only. The sites are behind factory firewalls; one edge
+    # target is configured on a port nothing listens on, as an unreachable site would be. Every site
+    # must still appear in the per-site panels, through the counters its status carries to the hub.
+    unreachable = free_port()
     conf = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [
             {"job_name": "fedge-hub", "static_configs": [{"targets": [f"127.0.0.1:{ports['hub']}"]}]},
-            {"job_name": "fedge-edge", "static_configs": edges},
+            {"job_name": "fedge-edge", "static_configs": [
+                {"targets": [f"127.0.0.1:{unreachable}"], "labels": {"site": SITES[0]}}
+            ]},
         ],
-    }
+    }  # fmt: skip
     (tmp_path / "prometheus.yml").write_text(json.dumps(conf))
     prom = subprocess.Popen(
         [tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -92,18 +97,36 @@ def test_metrics_scraped_linted_and_every_dashboard_query_returns_data(tmp_path:
             assert lint.returncode == 0, f"{name}: {lint.stdout}{lint.stderr}"
             status, body = get(f"http://127.0.0.1:{port}/healthz")
             assert status == 200 and json.loads(body)["ok"] is True
-        # Prometheus has scraped them through the round; every dashboard query must return data.
+        # Prometheus has scraped the hub through the round; every dashboard query must return data, and
+        # every per-site query every site (none of them was scraped).
         api = f"http://127.0.0.1:{prom_port}/api/v1/query?query="
         for title, expr in dashboard_queries():
-            deadline = time.monotonic() + 30
+            per_site = expr.startswith(("max by (site", "sum by (site"))  # one series per site
+            deadline = time.monotonic() + 60
             while True:
                 status, body = get(api + urllib.parse.quote(expr))
                 data = json.loads(body)
                 assert status == 200 and data["status"] == "success", f"{title}: {expr}: {data}"
-                if data["data"]["result"] or time.monotonic() > deadline:
+                result = data["data"]["result"]
+                sites = {r["metric"].get("site") for r in result}
+                if (result and (not per_site or set(SITES) <= sites)) or time.monotonic() > deadline:
                     break
                 time.sleep(1)
-            answers[expr] = data["data"]["result"]
+            answers[expr] = result
+            if per_site:
+                assert set(SITES) <= sites, f"{title}: {expr} shows sites {sites}"
+        # The re-exported counters follow the sites' statuses: each site runs model v2.
+        expr = "max by (site) (fedge_hub_site_model_version)"
+        deadline = time.monotonic() + 60
+        while True:
+            result = json.loads(get(api + urllib.parse.quote(expr))[1])["data"]["result"]
+            versions = {r["metric"]["site"]: float(r["value"][1]) for r in result}
+            if versions == {s: 2.0 for s in SITES} or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert versions == {s: 2.0 for s in SITES}
+        targets = json.loads(get(f"http://127.0.0.1:{prom_port}/api/v1/targets")[1])["data"]["activeTargets"]
+        assert {t["labels"]["job"]: t["health"] for t in targets} == {"fedge-hub": "up", "fedge-edge": "down"}
 
     try:
         wait_port(prom_port, 30)

@@ -20,6 +20,7 @@ def test_every_generated_payload_ends_accepted_duplicate_or_rejected(tiny_bundle
         "hub/embeddings",
         "hub/eval",
         "hub/forget/receipt",
+        "hub/status",
         "edge/hub_status",
         "edge/model",
         "edge/errors",
