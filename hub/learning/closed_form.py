@@ -19,7 +19,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -209,51 +209,93 @@ class ContributionStats:
 
 @dataclass(frozen=True, eq=False)
 class TotalStats:
-    """The sum of several contributions' statistics, over the sorted union of their labels."""
+    """The (weighted) sum of several contributions' statistics, over the sorted union of their labels."""
 
-    contribution_ids: tuple[str, ...]  # in the order summed (sorted)
+    contribution_ids: tuple[str, ...]  # in the order summed (sorted); weight-0 contributions are not here
     feature_key: str
     labels: tuple[str, ...]
-    counts: np.ndarray  # [C] int64
+    counts: np.ndarray  # [C] int64, or float64 (weighted counts) when `weights` is set
     sums: np.ndarray  # [C, D] float64
     gram: np.ndarray  # [D, D] float64
+    weights: tuple[float, ...] | None = None  # per contribution id, in `contribution_ids` order; None = all 1
 
     @property
     def n_samples(self) -> int:
-        """Synthetic samples summarised."""
-        return int(self.counts.sum())
+        """Synthetic samples summarised (the rounded weighted count when weighted)."""
+        return int(round(float(self.counts.sum())))
 
     def digest(self) -> str:
-        """sha256 of the contribution ids and every array."""
-        header = {"contribution_ids": self.contribution_ids, "feature_key": self.feature_key, "labels": self.labels}
+        """sha256 of the contribution ids, their weights when weighted, and every array."""
+        header: dict = {
+            "contribution_ids": self.contribution_ids,
+            "feature_key": self.feature_key,
+            "labels": self.labels,
+        }
+        if self.weights is not None:
+            # float.hex is exact: two weights that differ in the last bit give two digests.
+            header["weights"] = [float(w).hex() for w in self.weights]
         return _digest(header, (self.counts, self.sums, self.gram))
 
 
-def sum_stats(stats: Sequence[ContributionStats]) -> TotalStats:
-    """Sum contributions' statistics, always in contribution-id order so that equal sets give equal bits."""
+def check_weights(ids: Iterable[str], weights: Mapping[str, float]) -> None:
+    """Raise ValueError unless `weights` gives every id in `ids` a finite weight >= 0."""
+    for cid in ids:
+        if cid not in weights:
+            raise ValueError(f"no weight given for contribution {cid}")
+        w = float(weights[cid])
+        if not np.isfinite(w) or w < 0.0:
+            raise ValueError(f"weight of contribution {cid} must be finite and >= 0, got {weights[cid]!r}")
+
+
+def sum_stats(stats: Sequence[ContributionStats], weights: Mapping[str, float] | None = None) -> TotalStats:
+    """Sum contributions' statistics, always in contribution-id order so that equal sets give equal bits.
+
+    Args:
+        stats: one entry per contribution.
+        weights: optional weight per contribution id (finite, >= 0; every contribution needs one). The
+            total is then sum_c w_c * S_c: scaling a contribution's statistics by w_c is weighting each
+            of its synthetic samples by w_c in the ridge loss. A weight of 0 leaves the contribution out
+            entirely, as if it were absent (its labels too). Counts become float64 (weighted counts).
+            None is the plain sum, with int64 counts and the digest it always had.
+    """
     if not stats:
         raise ValueError("no contribution statistics to sum")
     ordered = sorted(stats, key=lambda s: s.contribution_id)
     ids = tuple(s.contribution_id for s in ordered)
     if len(set(ids)) != len(ids):
         raise ValueError("a contribution appears more than once")
+    if weights is not None:
+        check_weights(ids, weights)
+        ordered = [s for s in ordered if float(weights[s.contribution_id]) > 0.0]
+        if not ordered:
+            raise ValueError("every contribution has weight 0: nothing to sum")
+        ids = tuple(s.contribution_id for s in ordered)
     keys = {s.feature_key for s in ordered}
     if len(keys) > 1:
         raise ValueError(f"statistics from different feature maps cannot be summed: {sorted(keys)}")
     labels = tuple(sorted({n for s in ordered for n in s.labels}))
     index = {n: i for i, n in enumerate(labels)}
     d = ordered[0].gram.shape[0]
-    counts, sums, gram = np.zeros(len(labels), np.int64), np.zeros((len(labels), d)), np.zeros((d, d))
+    counts = np.zeros(len(labels), np.int64 if weights is None else np.float64)
+    sums, gram = np.zeros((len(labels), d)), np.zeros((d, d))
     # Accumulate in place, one contribution after another: the float64 rounding is then fixed by the
     # id order alone. Subtracting a forgotten contribution instead would leave rounding residue.
     for s in ordered:
         if s.gram.shape != (d, d):
             raise ValueError(f"contribution {s.contribution_id} has {s.gram.shape[0]} features, expected {d}")
-        gram += s.gram
+        if weights is None:
+            gram += s.gram
+            for i, n in enumerate(s.labels):
+                counts[index[n]] += s.counts[i]
+                sums[index[n]] += s.sums[i]
+            continue
+        w = float(weights[s.contribution_id])
+        gram += w * s.gram
         for i, n in enumerate(s.labels):
-            counts[index[n]] += s.counts[i]
-            sums[index[n]] += s.sums[i]
-    return TotalStats(ids, ordered[0].feature_key, labels, counts, sums, gram)
+            counts[index[n]] += w * float(s.counts[i])
+            sums[index[n]] += w * s.sums[i]
+    ws = None if weights is None else tuple(float(weights[c]) for c in ids)
+    return TotalStats(ids, ordered[0].feature_key, labels, counts, sums, gram, ws)
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from hub.learning.closed_form import (
     ContributionStats,
     FeatureExtractor,
     FeatureMap,
+    check_weights,
     solve,
     sum_stats,
     to_onnx,
@@ -52,17 +53,28 @@ class ExactModel:
     onnx: bytes
     head: ClosedFormHead
     label_names: tuple[str, ...]
-    trained_on: list[str]  # contribution ids, sorted
+    trained_on: list[str]  # contribution ids, sorted (weighted fits: only those with weight > 0)
     stats_digests: dict[str, str]  # contribution id -> sha256 of its statistics
     training_digest: str
-    synthetic_samples: int
+    synthetic_samples: int  # weighted fits: the rounded weighted count
     timings: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] | None = None  # contribution id -> weight (> 0) of a weighted fit; None = unweighted
 
 
-def training_digest(stats_digests: dict[str, str]) -> str:
-    """sha256 of the canonical JSON list [[contribution_id, statistics sha256], ...] in id order (docs/unlearning.md)."""
-    pairs = [[cid, stats_digests[cid]] for cid in sorted(stats_digests)]
-    return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
+def training_digest(stats_digests: dict[str, str], weights: Mapping[str, float] | None = None) -> str:
+    """sha256 of what a model was solved from, as canonical JSON (no whitespace, UTF-8), in contribution-id order.
+
+    Unweighted (`weights` None): the list [[contribution_id, statistics sha256], ...] (docs/unlearning.md).
+    Weighted: the list [[contribution_id, statistics sha256, weight], ...] over the contributions with
+    weight > 0 only, the weight written as Python's float.hex() string of the float64 (for example
+    "0x1.0000000000000p+0" for 1.0), which is exact. All weights 1 therefore still give another digest
+    than the unweighted fit: the digest says that the fit was weighted.
+    """
+    if weights is None:
+        pairs = [[cid, stats_digests[cid]] for cid in sorted(stats_digests)]
+        return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
+    triples = [[cid, stats_digests[cid], float(weights[cid]).hex()] for cid in sorted(stats_digests)]
+    return hashlib.sha256(json.dumps(triples, separators=(",", ":")).encode()).hexdigest()
 
 
 class ExactTrainer:
@@ -96,9 +108,9 @@ class ExactTrainer:
         s.save(path)
         return s
 
-    def _fit(self, all_stats: list[ContributionStats]) -> ExactModel:
+    def _fit(self, all_stats: list[ContributionStats], weights: dict[str, float] | None) -> ExactModel:
         t0 = time.perf_counter()
-        total = sum_stats(all_stats)
+        total = sum_stats(all_stats, weights)
         t1 = time.perf_counter()
         head = solve(total, variant=self.config.variant, lam=self.config.lam)  # type: ignore[arg-type]
         t2 = time.perf_counter()
@@ -109,31 +121,62 @@ class ExactTrainer:
             label_names=head.label_names,
             trained_on=sorted(digests),
             stats_digests=digests,
-            training_digest=training_digest(digests),
+            training_digest=training_digest(digests, weights),
             synthetic_samples=total.n_samples,
+            weights=weights,
         )
         model.timings.update(sum_s=t1 - t0, solve_s=t2 - t1, export_s=time.perf_counter() - t2)
         return model
 
-    def fit(self, contributions: list[Contribution], checkpoint: Callable[[], None] | None = None) -> ExactModel:
-        """The model of `contributions` (those without samples are skipped): cached statistics, summed, solved."""
-        t0 = time.perf_counter()
+    @staticmethod
+    def _plan(
+        contributions: list[Contribution], weights: Mapping[str, float] | None
+    ) -> tuple[list[Contribution], dict[str, float] | None]:
+        """The contributions to sum (with samples; weight > 0 when weighted), in id order, and their weights."""
         ordered = sorted((c for c in contributions if c.labels), key=lambda c: c.contribution_id)
+        if weights is None:
+            return ordered, None
+        check_weights((c.contribution_id for c in ordered), weights)
+        kept = [c for c in ordered if float(weights[c.contribution_id]) > 0.0]
+        return kept, {c.contribution_id: float(weights[c.contribution_id]) for c in kept}
+
+    def fit(
+        self,
+        contributions: list[Contribution],
+        checkpoint: Callable[[], None] | None = None,
+        weights: Mapping[str, float] | None = None,
+    ) -> ExactModel:
+        """The model of `contributions` (those without samples are skipped): cached statistics, summed, solved.
+
+        Args:
+            contributions: the active contributions.
+            checkpoint: called between batches of any synthesis needed; raises to abandon the work.
+            weights: optional weight per contribution id (finite, >= 0, one for each contribution with
+                samples): each contribution's statistics are scaled by its weight, i.e. its synthetic
+                samples count w times in the ridge loss. Weight 0 leaves a contribution out exactly as
+                if it were absent (its statistics are not even computed). None: the unweighted fit,
+                bit-identical to what it always was.
+        """
+        t0 = time.perf_counter()
+        ordered, ws = self._plan(contributions, weights)
         if not ordered:
-            raise ValueError("no contribution carries samples: nothing to train on")
+            raise ValueError("no contribution carries samples (with weight > 0): nothing to train on")
         all_stats = [self.stats(c, checkpoint) for c in ordered]
         t1 = time.perf_counter()
-        model = self._fit(all_stats)
+        model = self._fit(all_stats, ws)
         model.timings["statistics_s"] = t1 - t0
         return model
 
     def refit_from_scratch(
-        self, contributions: list[Contribution], checkpoint: Callable[[], None] | None = None
+        self,
+        contributions: list[Contribution],
+        checkpoint: Callable[[], None] | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> ExactModel:
         """The same model with every statistic recomputed from the synthetic images: what a retrain would give."""
         t0 = time.perf_counter()
-        ordered = sorted((c for c in contributions if c.labels), key=lambda c: c.contribution_id)
-        model = self._fit([self.compute_stats(c, checkpoint) for c in ordered])
+        ordered, ws = self._plan(contributions, weights)
+        model = self._fit([self.compute_stats(c, checkpoint) for c in ordered], ws)
         model.timings["refit_s"] = time.perf_counter() - t0
         return model
 
