@@ -1,0 +1,347 @@
+"""FRAMU at the hub: attention weights over contributions, refined by reinforcement from federated evaluation.
+
+One round, as the hub runs it (docs/framu.md):
+
+1. `weights(contributions, evaluations, now, round_key)`: features of every contribution (state),
+   noise-free attention a_c = sigmoid(mu_c) with mu_c = bias + theta . (phi_c - ref) + u_c, and the
+   action: exploration in logit space, w_c = sigmoid(mu_c + sigma * eps_c), eps_c ~ N(0, 1) clipped
+   to +-max_noise and derived from (seed, round_key, contribution id) only. The proposal is kept
+   in the state, pending its reward.
+2. The hub fits the closed-form model with those weights (each contribution's share of the
+   synthetic set) and the sites evaluate it on their local held-out samples.
+3. `reward(model_version, evaluations)`: r = median (or mean) of the sites' accuracies of that
+   version; TD error delta = r - V (one-step episodes: gamma = 0, V the learned value baseline);
+   critic V += beta * delta; actor (Gaussian policy gradient with the TD error as advantage)
+   theta += alpha * delta * mean_c(eps_c / sigma * (phi_c - ref)) and, per contribution, its
+   attention offset u_c += alpha_u * delta * eps_c / sigma.
+4. `decide(...)`: a contribution whose noise-free attention stays below `threshold` for
+   `patience` consecutive rounds becomes a decision, `outdated` when its site has sent nothing
+   for `outdated_after_s`, else `irrelevant`. Pinned contributions are never decided.
+
+Pure numpy; nothing here imports torch. The state is plain JSON (floats round-trip exactly through
+json), so a hub that restarts with `Framu(config, state)` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Literal
+
+import numpy as np
+
+from contract.payloads import Contribution
+from hub.framu.features import DAY_S, FEATURE_NAMES, SiteEvaluation, features
+
+STATE_FORMAT = 1
+
+# The value of each feature for a contribution with nothing against it: the policy scores the
+# difference, so the bias alone is the logit of such a contribution.
+FEATURE_REFERENCE: dict[str, float] = {
+    "agreement": 1.0,
+    "margin": 0.0,
+    "eval_gap": 0.0,
+    "eval_missing": 0.0,
+    "log_age_days": 0.0,
+    "log_site_idle_days": 0.0,
+    "log_count_ratio": 0.0,
+    "encoder_majority": 1.0,
+}
+
+# The initial policy (theta_0): the attention the features alone give, before any reward. Chosen on
+# validation data (`python -m bench.framu --select`, public split only); age, idle time and size
+# start at 0: the policy has to learn from rewards whether they matter.
+PRIOR: dict[str, float] = {
+    "agreement": 6.0,
+    "margin": 0.0,
+    "eval_gap": 6.0,
+    "eval_missing": 0.0,
+    "log_age_days": 0.0,
+    "log_site_idle_days": 0.0,
+    "log_count_ratio": 0.0,
+    "encoder_majority": 4.0,
+}
+
+
+@dataclass(frozen=True)
+class FramuConfig:
+    """FRAMU's settings. The defaults past `seed` were chosen on validation data (docs/framu.md)."""
+
+    threshold: float  # attention weight below which a contribution is a candidate for unlearning
+    patience: int  # consecutive rounds below threshold before a decision
+    outdated_after_s: float  # a candidate whose site's newest contribution is older than this is 'outdated'
+    seed: int = 0
+    bias: float = 3.0  # logit of a contribution with nothing against it (sigmoid(3) = 0.95)
+    prior: tuple[tuple[str, float], ...] = tuple(PRIOR.items())  # theta_0, by feature name
+    learning_rate: float = 2.0  # alpha: actor step on theta
+    offset_learning_rate: float = 4.0  # alpha_u: actor step on each contribution's own attention offset
+    value_learning_rate: float = 0.3  # beta: critic (value baseline) step
+    exploration: float = 0.5  # sigma: exploration noise in logit space
+    max_noise: float = 2.0  # |eps| is clipped here: an explored logit is within sigma * max_noise of the noise-free one
+    max_td: float = 0.2  # |TD error| used in an update is clipped here (accuracy units)
+    max_offset: float = 8.0  # |u_c| bound
+    max_theta: float = 20.0  # |theta_i| bound
+    reward_aggregate: Literal["median", "mean"] = "median"
+    learn: bool = True  # False: the fixed attention policy (features alone, no exploration, no updates)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be at least 1, got {self.patience}")
+        if self.outdated_after_s < 0:
+            raise ValueError(f"outdated_after_s must be >= 0, got {self.outdated_after_s}")
+        unknown = sorted({k for k, _ in self.prior} - set(FEATURE_NAMES))
+        if unknown:
+            raise ValueError(f"prior names unknown features {unknown}; known: {list(FEATURE_NAMES)}")
+        if self.reward_aggregate not in ("median", "mean"):
+            raise ValueError(f"reward_aggregate must be 'median' or 'mean', got {self.reward_aggregate!r}")
+
+
+# Recommended settings for a hub (docs/framu.md): below 0.5 for 3 rounds; outdated after 30 days.
+RECOMMENDED = FramuConfig(threshold=0.5, patience=3, outdated_after_s=30 * DAY_S)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A contribution FRAMU would unlearn, why, and the figures behind it (for the certificate and audit)."""
+
+    contribution_id: str
+    site_id: str
+    reason: Literal["outdated", "irrelevant"]
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _noise(seed: int, round_key: str, contribution_id: str) -> float:
+    """A standard normal draw from (seed, round key, contribution id) alone: no global RNG, no order dependence."""
+    digest = hashlib.sha256(f"fedge/framu/{seed}/{round_key}/{contribution_id}".encode()).digest()
+    return float(np.random.default_rng(int.from_bytes(digest[:16], "little")).standard_normal())
+
+
+def aggregate_reward(accuracies: Sequence[float], how: str) -> float:
+    """The round's reward from the sites' accuracies: their median (robust to a few bad sites) or mean."""
+    return float(np.median(accuracies)) if how == "median" else float(np.mean(accuracies))
+
+
+class Framu:
+    """Attention over contributions, refined by an actor-critic from federated evaluation (module docstring)."""
+
+    def __init__(self, config: FramuConfig, state: dict | None = None):
+        self.config = config
+        if state is None:
+            state = {
+                "format": STATE_FORMAT,
+                "theta": {n: float(dict(config.prior).get(n, 0.0)) for n in FEATURE_NAMES},
+                "offsets": {},  # contribution id -> u_c
+                "value": None,  # V: the critic's estimate of the next reward (None before the first)
+                "streaks": {},  # contribution id -> consecutive rounds below threshold
+                "decided": [],  # contribution ids already reported as decisions (still active)
+                "attention": {},  # contribution id -> noise-free attention of the last proposal
+                "features": {},  # contribution id -> feature vector of the last proposal
+                "pending": None,  # the proposal awaiting its reward
+                "last": {},  # last reward, td_error, model_version
+                "rounds": 0,  # rewards received
+            }
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"unknown FRAMU state format {state.get('format')!r}; expected {STATE_FORMAT}")
+        missing = sorted(set(FEATURE_NAMES) - set(state["theta"]))
+        if missing:
+            raise ValueError(f"FRAMU state lacks policy parameters for features {missing}")
+        # A deep copy through JSON: the caller's dict is never mutated, and what we hold is what state() gives.
+        self._s: dict = json.loads(json.dumps(state))
+
+    def state(self) -> dict:
+        """The whole learning state as JSON-serialisable data (a copy): pass it back after a restart."""
+        return json.loads(json.dumps(self._s))
+
+    # ------------------------------------------------------------------------------------------ policy
+
+    def _logit(self, cid: str, phi: np.ndarray) -> float:
+        theta = self._s["theta"]
+        z = sum(theta[n] * (float(phi[i]) - FEATURE_REFERENCE[n]) for i, n in enumerate(FEATURE_NAMES))
+        return self.config.bias + z + float(self._s["offsets"].get(cid, 0.0))
+
+    def attention(
+        self, contributions: list[Contribution], evaluations: list[SiteEvaluation], now: datetime
+    ) -> dict[str, float]:
+        """Noise-free attention weight in [0, 1] per contribution id; reads the state, changes nothing."""
+        feats = features(contributions, evaluations, now)
+        return {cid: _sigmoid(self._logit(cid, phi)) for cid, phi in feats.items()}
+
+    def weights(
+        self,
+        contributions: list[Contribution],
+        evaluations: list[SiteEvaluation],
+        now: datetime,
+        round_key: str,
+        pinned: frozenset[str] = frozenset(),
+        explore: bool = True,
+    ) -> dict[str, float]:
+        """Attention weight in [0, 1] per contribution id (all of them): the weights to fit this round's model with.
+
+        Deterministic given config.seed, the state, the inputs and `round_key` (the exploration noise
+        derives from seed + round_key + contribution id, never from a global RNG). Records what it
+        proposed (features, noise, noise-free attention) in the state, pending its reward.
+
+        Args:
+            contributions: the active contributions.
+            evaluations: the sites' latest reports (features use each site's newest model version).
+            now: the time of the round.
+            round_key: a key unique to the round (for example the model version it will produce).
+            pinned: contribution ids an operator pinned: weight 1, never explored, never decided.
+            explore: False gives the noise-free attention (the production weights) and records no
+                proposal: nothing is pending and reward() will return None for it.
+        """
+        cfg = self.config
+        feats = features(contributions, evaluations, now)
+        ids = sorted(feats)
+        # Offsets of contributions no longer active are dropped: ids are never reused.
+        self._s["offsets"] = {c: u for c, u in self._s["offsets"].items() if c in feats}
+        out, eps, mus, attention = {}, {}, {}, {}
+        sigma = cfg.exploration if (explore and cfg.learn) else 0.0
+        for cid in ids:
+            if cid in pinned:
+                out[cid] = attention[cid] = 1.0
+                continue
+            mu = self._logit(cid, feats[cid])
+            e = float(np.clip(_noise(cfg.seed, round_key, cid), -cfg.max_noise, cfg.max_noise)) if sigma else 0.0
+            mus[cid], eps[cid] = mu, e
+            attention[cid] = _sigmoid(mu)
+            out[cid] = _sigmoid(mu + sigma * e)
+        self._s["attention"] = attention
+        self._s["features"] = {cid: [float(x) for x in feats[cid]] for cid in ids}
+        if explore:
+            self._s["pending"] = {
+                "round_key": round_key,
+                "features": {cid: [float(x) for x in feats[cid]] for cid in mus},
+                "eps": eps,
+                "logits": mus,
+                "sigma": sigma,
+                "weights": out,
+            }
+        return out
+
+    # ---------------------------------------------------------------------------------------- learning
+
+    def reward(self, model_version: int, evaluations: list[SiteEvaluation]) -> float | None:
+        """The federated evaluation of the model built with the last proposed weights: TD update; returns the TD error.
+
+        Only reports on `model_version` count (accuracy given, samples > 0). Returns None, changing
+        nothing, when no proposal is pending or no site has reported on that version yet (call again
+        when reports arrive).
+        """
+        pending = self._s["pending"]
+        if pending is None:
+            return None
+        accs = [
+            float(e.accuracy)
+            for e in evaluations
+            if e.model_version == model_version
+            and e.accuracy is not None
+            and e.samples > 0
+            and math.isfinite(e.accuracy)
+        ]
+        if not accs:
+            return None
+        cfg = self.config
+        r = aggregate_reward(accs, cfg.reward_aggregate)
+        v = self._s["value"]
+        td = 0.0 if v is None else r - float(v)
+        self._s["value"] = r if v is None else float(v) + cfg.value_learning_rate * td
+        step = float(np.clip(td, -cfg.max_td, cfg.max_td))
+        sigma = float(pending["sigma"])
+        if cfg.learn and sigma > 0 and step != 0.0 and pending["eps"]:
+            theta, offsets = self._s["theta"], self._s["offsets"]
+            n = len(pending["eps"])
+            grad = np.zeros(len(FEATURE_NAMES))
+            ref = np.array([FEATURE_REFERENCE[f] for f in FEATURE_NAMES])
+            for cid in sorted(pending["eps"]):
+                score = pending["eps"][cid] / sigma  # d log pi / d mu_c for a Gaussian policy in logit space
+                grad += score * (np.array(pending["features"][cid]) - ref)
+                u = float(offsets.get(cid, 0.0)) + cfg.offset_learning_rate * step * score
+                offsets[cid] = float(np.clip(u, -cfg.max_offset, cfg.max_offset))
+            for i, name in enumerate(FEATURE_NAMES):
+                t = theta[name] + cfg.learning_rate * step * float(grad[i]) / n
+                theta[name] = float(np.clip(t, -cfg.max_theta, cfg.max_theta))
+        self._s["pending"] = None
+        self._s["rounds"] += 1
+        self._s["last"] = {"reward": r, "td_error": td, "model_version": int(model_version), "sites": len(accs)}
+        return td
+
+    # --------------------------------------------------------------------------------------- decisions
+
+    def decide(
+        self,
+        weights: dict[str, float],
+        contributions: list[Contribution],
+        now: datetime,
+        pinned: frozenset[str] = frozenset(),
+    ) -> list[Decision]:
+        """Once per round: update below-threshold streaks; those below threshold for `patience` rounds become decisions.
+
+        Streaks follow the noise-free attention recorded by the last weights() call (exploration
+        never causes a decision); `weights` is used for contributions that call did not cover.
+        Pinned contributions are never decided (their streak is reset). A contribution is reported
+        once; the hub unlearns it (mode auto) or only reports it (mode recommend).
+        """
+        cfg = self.config
+        active = {c.contribution_id: c for c in contributions}
+        newest: dict[str, datetime] = {}
+        for c in contributions:
+            if c.site_id not in newest or c.created_at > newest[c.site_id]:
+                newest[c.site_id] = c.created_at
+        streaks = {cid: n for cid, n in self._s["streaks"].items() if cid in active}
+        decided = [cid for cid in self._s["decided"] if cid in active]
+        out = []
+        for cid in sorted(active):
+            c = active[cid]
+            if cid in pinned:
+                streaks[cid] = 0
+                continue
+            w = float(self._s["attention"].get(cid, weights.get(cid, 1.0)))
+            streaks[cid] = streaks.get(cid, 0) + 1 if w < cfg.threshold else 0
+            if streaks[cid] < cfg.patience or cid in decided:
+                continue
+            idle_s = max(0.0, (now - newest[c.site_id]).total_seconds())
+            age_s = max(0.0, (now - c.created_at).total_seconds())
+            figures = {
+                "weight": w,
+                "threshold": cfg.threshold,
+                "rounds_below": float(streaks[cid]),
+                "patience": float(cfg.patience),
+                "age_s": age_s,
+                "site_idle_s": idle_s,
+                "outdated_after_s": cfg.outdated_after_s,
+                "attention_offset": float(self._s["offsets"].get(cid, 0.0)),
+                "rounds_learned": float(self._s["rounds"]),
+            }
+            phi = self._s["features"].get(cid)
+            if phi is not None:
+                figures.update({f"feature_{n}": float(x) for n, x in zip(FEATURE_NAMES, phi, strict=True)})
+                figures["logit"] = self._logit(cid, np.array(phi))
+            figures.update({f"theta_{n}": float(t) for n, t in self._s["theta"].items()})
+            for key in ("reward", "td_error"):
+                if key in self._s["last"]:
+                    figures[f"last_{key}"] = float(self._s["last"][key])
+            if self._s["value"] is not None:
+                figures["value"] = float(self._s["value"])
+            reason: Literal["outdated", "irrelevant"] = "outdated" if idle_s > cfg.outdated_after_s else "irrelevant"
+            out.append(Decision(cid, c.site_id, reason, figures))
+            decided.append(cid)
+        self._s["streaks"], self._s["decided"] = streaks, decided
+        return out
+
+
+def config_dict(config: FramuConfig) -> dict:
+    """The config as plain JSON data (for results files and the audit trail)."""
+    d = asdict(config)
+    d["prior"] = dict(config.prior)
+    return d

@@ -1,0 +1,170 @@
+"""What the hub legitimately knows about each contribution, as named numbers: FRAMU's state.
+
+Pure numpy over the uploads themselves (prototypes, counts, encoder, timestamps) and the sites'
+evaluation reports; no synthesis and no model is needed, so the features cost microseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+
+from contract.payloads import Contribution
+
+DAY_S = 86400.0
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "agreement",
+    "margin",
+    "eval_gap",
+    "eval_missing",
+    "log_age_days",
+    "log_site_idle_days",
+    "log_count_ratio",
+    "encoder_majority",
+)
+"""The features, in the order of every feature vector:
+
+agreement           leave-one-site-out nearest-class-mean check of the contribution's prototypes: the
+                    share (weighted by counts) of its prototypes whose nearest class mean, among the
+                    class means of every *other* site's prototypes (count-weighted means of unit
+                    vectors, cosine), is the prototype's own label. 1 = every prototype sits where the
+                    other sites put that label; flipped labels score near 0, data from another
+                    distribution (rotated, inverted) scores low. 1.0 when no other site has any of its
+                    labels (no evidence against it).
+margin              the same prototypes' mean cosine to their own label's consensus mean minus their
+                    cosine to the nearest other label's (count-weighted; in [-2, 2]): graded agreement.
+                    0 when there is no evidence.
+eval_gap            the site's reported accuracy of the current model on its local held-out samples
+                    minus the median of the other sites' reports (latest model version each). A site
+                    with flipped labels or drifted data scores the consensus model badly. 0 when missing.
+eval_missing        1 when the site has not reported an accuracy (yet), else 0.
+log_age_days        log(1 + days since the contribution was created).
+log_site_idle_days  log(1 + days since the site's newest contribution among those given).
+log_count_ratio     log(samples of the contribution / median samples of all contributions).
+encoder_majority    1 when the contribution's encoder is the one most contributions use, else 0.
+"""
+
+
+@dataclass(frozen=True)
+class SiteEvaluation:
+    """What a site reports over the `eval` topic: accuracy of model `model_version` on its local held-out samples."""
+
+    site_id: str
+    model_version: int
+    accuracy: float | None
+    samples: int
+
+
+def _unit_prototypes(c: Contribution) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unit vectors [P, dim], label names [P], counts [P]) of every prototype of `c`."""
+    vecs, names, counts = [], [], []
+    for lp in c.labels:
+        v = lp.vectors.to_numpy().astype(np.float64)
+        v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        vecs.append(v)
+        names += [lp.label] * len(v)
+        counts += list(lp.counts)
+    if not vecs:
+        return np.zeros((0, 0)), np.array([], str), np.zeros(0)
+    return np.concatenate(vecs), np.array(names), np.array(counts, np.float64)
+
+
+def _class_means(protos: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Count-weighted unit class means of the given prototypes."""
+    acc: dict[str, np.ndarray] = {}
+    for vecs, names, counts in protos:
+        for v, n, k in zip(vecs, names, counts, strict=True):
+            acc[n] = acc.get(n, 0.0) + k * v
+    return {n: s / max(float(np.linalg.norm(s)), 1e-12) for n, s in acc.items()}
+
+
+def _agreement(mine: tuple[np.ndarray, np.ndarray, np.ndarray], means: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(agreement, margin) of one contribution's prototypes against the others' class means."""
+    vecs, names, counts = mine
+    known = np.array([n in means for n in names], bool)
+    if not len(vecs) or not known.any() or len(means) < 2:
+        return 1.0, 0.0
+    labels = sorted(means)
+    m = np.stack([means[n] for n in labels])  # [L, dim]
+    cos = vecs[known] @ m.T  # [P, L]
+    own = np.array([labels.index(n) for n in names[known]])
+    rows = np.arange(len(own))
+    own_cos = cos[rows, own]
+    other = cos.copy()
+    other[rows, own] = -np.inf
+    best_other = other.max(axis=1)
+    w = counts[known] / counts[known].sum()
+    agreement = float((w * (own_cos >= best_other)).sum())
+    margin = float((w * (own_cos - best_other)).sum())
+    return agreement, margin
+
+
+def _latest_accuracy(evaluations: Sequence[SiteEvaluation]) -> dict[str, float]:
+    """Each site's accuracy from its report on the newest model version it evaluated."""
+    best: dict[str, SiteEvaluation] = {}
+    for e in evaluations:
+        if e.accuracy is None or e.samples <= 0 or not math.isfinite(e.accuracy):
+            continue
+        if e.site_id not in best or e.model_version > best[e.site_id].model_version:
+            best[e.site_id] = e
+    return {s: float(e.accuracy) for s, e in best.items()}  # type: ignore[arg-type]
+
+
+def features(
+    contributions: Sequence[Contribution], evaluations: Sequence[SiteEvaluation], now: datetime
+) -> dict[str, np.ndarray]:
+    """One vector (len(FEATURE_NAMES), float64, in FEATURE_NAMES order) per contribution id.
+
+    Args:
+        contributions: the active contributions (one per site in the hub; several per site work too:
+            the leave-one-out consensus then leaves out the whole site).
+        evaluations: the sites' reports; each site's newest model version counts.
+        now: the time the features are taken at (aware datetime).
+    """
+    # Id order everywhere: the consensus sums, and so the features' last bits, do not depend on input order.
+    contributions = sorted(contributions, key=lambda c: c.contribution_id)
+    protos = {c.contribution_id: _unit_prototypes(c) for c in contributions}
+    newest: dict[str, datetime] = {}
+    for c in contributions:
+        if c.site_id not in newest or c.created_at > newest[c.site_id]:
+            newest[c.site_id] = c.created_at
+    sizes = [c.n_samples for c in contributions if c.n_samples > 0]
+    median_size = float(np.median(sizes)) if sizes else 1.0
+    encoders = Counter(c.encoder_id for c in contributions)
+    # Ties between encoders: the smallest id wins, so the feature does not depend on input order.
+    majority = min(encoders, key=lambda e: (-encoders[e], e)) if encoders else ""
+    acc = _latest_accuracy(evaluations)
+    out: dict[str, np.ndarray] = {}
+    for c in contributions:
+        # Prototypes of another encoder live in another space: only the same encoder's are compared.
+        others = [
+            protos[o.contribution_id]
+            for o in contributions
+            if o.site_id != c.site_id and o.encoder_id == c.encoder_id and len(protos[o.contribution_id][0])
+        ]
+        mine = protos[c.contribution_id]
+        if len(mine[0]) and others and {p[0].shape[1] for p in others} == {mine[0].shape[1]}:
+            agreement, margin = _agreement(mine, _class_means(others))
+        else:
+            agreement, margin = 1.0, 0.0
+        if c.site_id in acc:
+            rest = [a for s, a in acc.items() if s != c.site_id]
+            gap = acc[c.site_id] - float(np.median(rest)) if rest else 0.0
+            missing = 0.0
+        else:
+            gap, missing = 0.0, 1.0
+        age_d = max(0.0, (now - c.created_at).total_seconds() / DAY_S)
+        idle_d = max(0.0, (now - newest[c.site_id]).total_seconds() / DAY_S)
+        ratio = math.log(max(c.n_samples, 1) / median_size)
+        out[c.contribution_id] = np.array(
+            [agreement, margin, gap, missing, math.log1p(age_d), math.log1p(idle_d), ratio,
+             1.0 if c.encoder_id == majority else 0.0],
+            np.float64,
+        )  # fmt: skip
+    return out

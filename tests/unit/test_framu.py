@@ -1,0 +1,271 @@
+"""FRAMU: deterministic attention, a state that survives a restart, decisions, and the weighted exact fit it drives."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from contract.payloads import Contribution
+from edge.contribution import make_contribution
+from hub.framu import FEATURE_NAMES, RECOMMENDED, Framu, FramuConfig, SiteEvaluation, features
+from hub.learning.closed_form import ContributionStats, FeatureExtractor, FeatureMap, solve, sum_stats
+from hub.learning.exact import ExactConfig, ExactTrainer, training_digest
+from hub.synthesis import SynthesisConfig, Synthesizer, SyntheticSet
+
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+LABELS = ("a", "b", "c")
+DIM = 8
+CENTRES = np.random.default_rng(0).standard_normal((len(LABELS), DIM))
+
+
+def site_data(seed: int, n: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings clustered by label (the same clusters at every site) and their labels."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(LABELS)), n)
+    x = CENTRES[y] + 0.2 * rng.standard_normal((len(y), DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+def contribution(site: int, encoder_id: str = "enc", flip: bool = False, age_days: float = 1.0) -> Contribution:
+    x, y = site_data(site)
+    if flip:  # a faulty label table: a -> b -> c -> a
+        y = (y + 1) % len(LABELS)
+    c = make_contribution(f"site-{site}", encoder_id, x, np.array(LABELS)[y], k=2, min_group_size=5, seed=site)
+    return c.model_copy(update={"created_at": NOW - timedelta(days=age_days)})
+
+
+def config(**kw: object) -> FramuConfig:
+    return replace(RECOMMENDED, **kw)  # type: ignore[arg-type]
+
+
+def evals(contributions: list[Contribution], version: int, accuracy: dict[str, float]) -> list[SiteEvaluation]:
+    return [SiteEvaluation(c.site_id, version, accuracy.get(c.site_id, 0.9), 20) for c in contributions]
+
+
+# ---------------------------------------------------------------------------------------------- policy
+
+
+def test_features_are_named_and_pure() -> None:
+    cs = [contribution(i) for i in range(4)]
+    f1 = features(cs, [], NOW)
+    f2 = features(list(reversed(cs)), [], NOW)
+    assert set(f1) == {c.contribution_id for c in cs}
+    for cid, v in f1.items():
+        assert v.shape == (len(FEATURE_NAMES),)
+        assert np.array_equal(v, f2[cid])  # input order does not matter
+    assert f1[cs[0].contribution_id][FEATURE_NAMES.index("eval_missing")] == 1.0
+
+
+def test_weights_are_deterministic_given_seed_state_inputs_and_round_key() -> None:
+    # Arrange
+    cs = [contribution(i) for i in range(5)]
+    ev = evals(cs, 1, {})
+    # Act
+    a = Framu(config(seed=7)).weights(cs, ev, NOW, "round-1")
+    b = Framu(config(seed=7)).weights(list(reversed(cs)), ev, NOW, "round-1")
+    other_round = Framu(config(seed=7)).weights(cs, ev, NOW, "round-2")
+    other_seed = Framu(config(seed=8)).weights(cs, ev, NOW, "round-1")
+    # Assert
+    assert a == b
+    assert set(a) == {c.contribution_id for c in cs} and all(0.0 <= w <= 1.0 for w in a.values())
+    assert a != other_round and a != other_seed  # the exploration noise comes from seed + round_key
+    np.random.seed(123)  # a global RNG plays no part
+    assert Framu(config(seed=7)).weights(cs, ev, NOW, "round-1") == a
+    noise_free = Framu(config(seed=7)).weights(cs, ev, NOW, "round-1", explore=False)
+    assert noise_free == Framu(config(seed=8)).weights(cs, ev, NOW, "round-9", explore=False)
+
+
+def test_a_clearly_corrupted_contribution_gets_the_lowest_weight() -> None:
+    cs = [contribution(i) for i in range(5)] + [contribution(5, flip=True)]
+    bad = cs[-1].contribution_id
+    agent = Framu(config())
+    # Before any evaluation (prototypes against the other sites' only) and after the sites reported.
+    w0 = agent.weights(cs, [], NOW, "r0", explore=False)
+    w1 = agent.weights(cs, evals(cs, 1, {"site-5": 0.05}), NOW, "r1", explore=False)
+    for w in (w0, w1):
+        assert min(w, key=w.__getitem__) == bad
+        assert w[bad] < RECOMMENDED.threshold < min(v for c, v in w.items() if c != bad)
+    f = features(cs, [], NOW)
+    assert f[bad][FEATURE_NAMES.index("agreement")] < 0.2
+
+
+def run_rounds(agent: Framu, cs: list[Contribution], start: int, n: int) -> list[tuple]:
+    """n rounds of the service loop with reports that favour down-weighting site-5 (a flipped site)."""
+    out = []
+    for t in range(start, start + n):
+        w = agent.weights(cs, evals(cs, t, {"site-5": 0.1}), NOW + timedelta(hours=t), f"round-{t}")
+        # The better the bad site is down-weighted, the better the good sites do: a reward with a signal.
+        good_acc = 0.8 + 0.1 * (1.0 - w[cs[-1].contribution_id])
+        td = agent.reward(t + 1, evals(cs, t + 1, {"site-5": 0.1} | {c.site_id: good_acc for c in cs[:-1]}))
+        out.append((w, td, agent.decide(w, cs, NOW + timedelta(hours=t))))
+    return out
+
+
+def test_state_round_trips_through_json_and_the_run_continues_identically() -> None:
+    cs = [contribution(i) for i in range(5)] + [contribution(5, flip=True)]
+    cfg = config(patience=4)
+    a = Framu(cfg)
+    run_rounds(a, cs, 0, 3)
+    # A pending proposal is part of the state too: the restart happens between weights() and reward().
+    a.weights(cs, [], NOW, "round-3")
+    saved = json.dumps(a.state())
+    b = Framu(cfg, json.loads(saved))
+    assert b.state() == a.state()
+    assert a.reward(4, evals(cs, 4, {})) == b.reward(4, evals(cs, 4, {}))
+    # Continuing after the restore: same weights, TD errors, decisions and states, bit for bit.
+    ra, rb = run_rounds(a, cs, 4, 4), run_rounds(b, cs, 4, 4)
+    assert ra == rb
+    assert json.dumps(a.state()) == json.dumps(b.state())
+    assert a.state()["rounds"] == 8 and a.state()["pending"] is None
+    assert any(td for _, td, _ in ra)  # the policy did learn (non-zero TD errors)
+    assert [d.contribution_id for _, _, ds in ra for d in ds] == [cs[-1].contribution_id]
+
+
+def test_reward_without_a_pending_proposal_or_reports_changes_nothing() -> None:
+    cs = [contribution(i) for i in range(3)]
+    agent = Framu(config())
+    assert agent.reward(1, evals(cs, 1, {})) is None
+    agent.weights(cs, [], NOW, "r1")
+    before = agent.state()
+    assert agent.reward(1, evals(cs, 2, {})) is None  # reports on another version only
+    assert agent.state() == before
+    assert agent.reward(1, evals(cs, 1, {})) == 0.0  # the first reward initialises the value baseline
+
+
+def test_pinned_contributions_are_never_decided() -> None:
+    cs = [contribution(i) for i in range(4)] + [contribution(4, flip=True)]
+    bad = cs[-1].contribution_id
+    pinned = frozenset({bad})
+    agent = Framu(config(patience=2))
+    for t in range(5):
+        w = agent.weights(cs, evals(cs, t, {"site-4": 0.0}), NOW, f"r{t}", pinned=pinned)
+        assert w[bad] == 1.0
+        agent.reward(t + 1, evals(cs, t + 1, {"site-4": 0.0}))
+        assert agent.decide(w, cs, NOW, pinned=pinned) == []
+    # Unpinned, the same contribution is decided after `patience` rounds, once.
+    decided = []
+    for t in range(5, 9):
+        w = agent.weights(cs, evals(cs, t, {"site-4": 0.0}), NOW, f"r{t}")
+        decided += agent.decide(w, cs, NOW)
+    assert [d.contribution_id for d in decided] == [bad]
+    assert decided[0].figures["rounds_below"] == 2.0 and decided[0].figures["weight"] < 0.5
+
+
+def test_reason_is_outdated_when_the_site_has_been_silent_longer_than_outdated_after_s() -> None:
+    cfg = config(patience=1, outdated_after_s=30 * 86400.0)
+    cs = [contribution(i) for i in range(4)]
+    old = contribution(4, flip=True, age_days=90)
+    recent = contribution(5, flip=True, age_days=2)
+    reasons = {}
+    for bad in (old, recent):
+        agent = Framu(cfg)
+        w = agent.weights([*cs, bad], [], NOW, "r0", explore=False)
+        (d,) = agent.decide(w, [*cs, bad], NOW)
+        reasons[d.site_id] = d.reason
+        assert d.contribution_id == bad.contribution_id
+        assert d.figures["threshold"] == cfg.threshold and "feature_agreement" in d.figures
+        assert all(isinstance(v, float) for v in d.figures.values())
+    assert reasons == {"site-4": "outdated", "site-5": "irrelevant"}
+
+
+def test_exploration_never_causes_a_decision() -> None:
+    # Huge exploration noise, but every contribution's noise-free attention is high: nothing is decided.
+    cs = [contribution(i) for i in range(5)]
+    agent = Framu(config(exploration=8.0, patience=1, learn=True))
+    for t in range(6):
+        w = agent.weights(cs, [], NOW, f"r{t}")
+        assert agent.decide(w, cs, NOW) == []
+
+
+def test_framu_imports_without_torch() -> None:
+    code = "import sys, hub.framu; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+# ------------------------------------------------------------------------------------ weighted exact fit
+
+
+def synthetic(cid: str, n: int, seed: int) -> SyntheticSet:
+    rng = np.random.default_rng(seed)
+    y = rng.choice(np.array(LABELS), n)
+    images = rng.random((n, 1, 8, 8), dtype=np.float32) * 0.5
+    for i, name in enumerate(LABELS):
+        images[y == name, 0, i * 2 : i * 2 + 2] += 0.5
+    return SyntheticSet(images, y, np.array([cid] * n))
+
+
+@pytest.fixture(scope="module")
+def stats(tiny_bundle: Path) -> list[ContributionStats]:
+    ex = FeatureExtractor(tiny_bundle / "encoder.onnx", FeatureMap(dim=8, n_features=64, bandwidth=0.7, seed=3))
+    return [ContributionStats.from_synthetic(synthetic(f"{i:032x}", 30 + i, i), f"{i:032x}", ex) for i in range(4)]
+
+
+def test_weighted_sum_with_all_weights_one_solves_to_the_same_head_but_names_the_weights(
+    stats: list[ContributionStats],
+) -> None:
+    plain = sum_stats(stats)
+    ones = sum_stats(stats, {s.contribution_id: 1.0 for s in stats})
+    # What holds: Gram, sums and count values are bit-identical (x * 1.0 is exact), so the solved
+    # head's weights and bias are too; the counts are float64 instead of int64 and the digest names
+    # the weights, so the two totals (and the heads' `trained_on`) are told apart.
+    assert np.array_equal(plain.gram, ones.gram) and np.array_equal(plain.sums, ones.sums)
+    assert np.array_equal(plain.counts, ones.counts)
+    assert plain.counts.dtype == np.int64 and ones.counts.dtype == np.float64
+    assert plain.weights is None and ones.weights == (1.0,) * 4
+    assert plain.digest() != ones.digest()
+    a, b = solve(plain), solve(ones)
+    assert np.array_equal(a.weights, b.weights) and np.array_equal(a.bias, b.bias)
+    # And other weights give another total and another digest.
+    half = sum_stats(stats, {s.contribution_id: 0.5 if i == 0 else 1.0 for i, s in enumerate(stats)})
+    assert half.digest() != ones.digest()
+    assert not np.array_equal(solve(half).weights, b.weights)
+
+
+def test_weight_zero_is_absence_bit_for_bit(stats: list[ContributionStats]) -> None:
+    w = {s.contribution_id: 0.3 + 0.2 * i for i, s in enumerate(stats)}
+    gone = stats[1].contribution_id
+    zero = sum_stats(stats, {**w, gone: 0.0})
+    absent = sum_stats([s for s in stats if s.contribution_id != gone], {c: v for c, v in w.items() if c != gone})
+    assert zero.contribution_ids == absent.contribution_ids and gone not in zero.contribution_ids
+    for x, y in ((zero.gram, absent.gram), (zero.sums, absent.sums), (zero.counts, absent.counts)):
+        assert np.array_equal(x, y)
+    assert zero.digest() == absent.digest()
+    ha, hb = solve(zero), solve(absent)
+    assert np.array_equal(ha.weights, hb.weights) and np.array_equal(ha.bias, hb.bias) and ha.digest() == hb.digest()
+    with pytest.raises(ValueError, match="no weight given"):
+        sum_stats(stats, {stats[0].contribution_id: 1.0})
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        sum_stats(stats, {**w, gone: -1.0})
+
+
+def test_exact_trainer_weighted_fit_and_digests(tiny_bundle: Path, tmp_path: Path) -> None:
+    from hub.foundation.bundle import load
+
+    fm = load(tiny_bundle)
+    synth = Synthesizer(fm, SynthesisConfig(samples_per_count=1.0, steps=2), tmp_path / "synthesis", progress=False)
+    trainer = ExactTrainer(synth, tiny_bundle / "encoder.onnx", ExactConfig(n_features=64), tmp_path / "stats")
+    cs = [contribution(i, encoder_id=fm.encoder_id) for i in range(3)]
+    plain = trainer.fit(cs)
+    # Unweighted: exactly today's digest (statistics digests in id order) and no weights.
+    assert plain.weights is None and plain.training_digest == training_digest(plain.stats_digests)
+    w = {c.contribution_id: 1.0 for c in cs}
+    w[cs[0].contribution_id] = 0.0
+    w[cs[1].contribution_id] = 0.5
+    weighted = trainer.fit(cs, weights=w)
+    assert weighted.trained_on == sorted(c.contribution_id for c in cs[1:])
+    assert weighted.weights == {c: v for c, v in w.items() if v > 0}
+    # The weighted digest covers the weights: other weights, another digest.
+    other = trainer.fit(cs, weights={**w, cs[1].contribution_id: 0.25})
+    assert other.training_digest != weighted.training_digest
+    # Weight 0 is absence, and the refit from scratch gives the same bytes.
+    absent = trainer.fit(cs[1:], weights={c: v for c, v in w.items() if v > 0})
+    scratch = trainer.refit_from_scratch(cs, weights=w)
+    assert absent.training_digest == weighted.training_digest == scratch.training_digest
+    assert absent.onnx == weighted.onnx == scratch.onnx
