@@ -53,10 +53,12 @@ def train_classifier(
     model: SmallCNN | None = None,
     augment: bool = True,
     checkpoint: Callable[[], None] | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> SmallCNN:
     """Train (or continue training) a SmallCNN; `balance` weights classes inversely to frequency.
 
     `checkpoint` is called between batches; it raises to abandon training (a service stopping).
+    `on_epoch(done, epochs)` is called after each epoch (progress reporting).
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -70,7 +72,7 @@ def train_classifier(
     steps = max(1, epochs * int(np.ceil(len(x) / batch_size)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch_size):
             if checkpoint is not None:
@@ -82,6 +84,8 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs)
     return model.eval()
 
 

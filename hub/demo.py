@@ -30,7 +30,16 @@ import numpy as np
 
 import bundled
 from contract import signing
-from contract.payloads import Evaluation, ForgetReceipt, ModelManifest, SiteStatus, UnlearningCertificate, new_id, now
+from contract.payloads import (
+    Evaluation,
+    ForgetReceipt,
+    HubStatus,
+    ModelManifest,
+    SiteStatus,
+    UnlearningCertificate,
+    new_id,
+    now,
+)
 from contract.topics import Topics
 from edge.models import GlobalModel
 from hub import datasets
@@ -104,6 +113,41 @@ def wait_port(port: int, timeout: float) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout:.0f} s")
 
 
+class RoundPhases:
+    """Prints the phase a hub round is in, read from the hub's own `fedge_hub_round_progress` gauge."""
+
+    def __init__(self, metrics_port: int, log: Callable[[str], None], t0: float):
+        self.url, self.log, self.t0 = f"http://127.0.0.1:{metrics_port}/metrics", log, t0
+        self.last: tuple | None = None
+        self.next_poll = 0.0
+
+    def show(self, hub_state: str | None) -> None:
+        """While the hub trains, print its phase and progress when they move (polled at most every 2 s)."""
+        if hub_state != "training" or time.monotonic() < self.next_poll:
+            return
+        self.next_poll = time.monotonic() + 2.0
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urllib.request.urlopen(self.url, timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return
+        done = {
+            s.labels["phase"]: s.value
+            for f in text_string_to_metric_families(text)
+            if f.name == "fedge_hub_round_progress"
+            for s in f.samples
+        }
+        phase = "training" if done.get("training", 0) > 0 else "synthesis"
+        now_ = (phase, round(done.get(phase, 0.0), 2))
+        if now_ != self.last:
+            self.last = now_
+            self.log(f"{time.monotonic() - self.t0:6.1f} s  hub: round in progress, {phase} {now_[1]:.0%} done")
+
+
 @dataclass
 class Observer:
     """Watches the broker the way Grafana or an operator would: statuses, evaluations, the model manifest."""
@@ -113,14 +157,21 @@ class Observer:
     manifest: ModelManifest | None = None
     receipts: dict[str, tuple[ForgetReceipt, float]] = field(default_factory=dict)  # request id -> (receipt, when)
     certificates: list[tuple[UnlearningCertificate, float]] = field(default_factory=list)
+    hub_state: str | None = None
     changed: threading.Event = field(default_factory=threading.Event)
 
     def attach(self, bus: Bus, topics: Topics) -> None:
+        bus.subscribe(topics.hub_status, self._hub_status)
         bus.subscribe(topics.all_sites("status"), self._status)
         bus.subscribe(topics.all_sites("eval"), self._eval)
         bus.subscribe(topics.hub_model, self._model)
         bus.subscribe(topics.all_sites("forget/receipt"), self._receipt)
         bus.subscribe(topics.hub_certificate, self._certificate)
+
+    def _hub_status(self, msg: Message) -> None:
+        if msg.payload:
+            self.hub_state = HubStatus.model_validate_json(msg.payload).state
+            self.changed.set()
 
     def _receipt(self, msg: Message) -> None:
         r = ForgetReceipt.model_validate_json(msg.payload)
@@ -257,12 +308,14 @@ def run_demo(
             log(f"  {name:<7} http://127.0.0.1:{port}/metrics")
 
         t0, seen = time.monotonic(), set()
+        phases = RoundPhases(ports["hub"], log, t0)
         while not observer.done(sites):
             services.check()
             if time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"no model delivered to every site within {timeout_s:.0f} s; see {workdir / 'logs'}")
             observer.changed.wait(1.0)
             observer.changed.clear()
+            phases.show(observer.hub_state)
             for s, st in list(observer.statuses.items()):
                 if st.contribution_id and (s, "c") not in seen and st.outbox_depth == 0:
                     seen.add((s, "c"))

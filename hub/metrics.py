@@ -12,6 +12,7 @@ from contract.payloads import ErrorCode, SiteStatus
 
 INGEST_KINDS = ("embeddings", "eval", "forget/receipt", "status")
 SENT_KINDS = ("model", "errors", "status", "certificate")
+ROUND_PHASES = ("synthesis", "training")
 CERTIFICATE_REASONS = ("forget_request", "outdated", "irrelevant")
 FORGET_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 ERROR_CODES: tuple[str, ...] = ErrorCode.__args__  # type: ignore[attr-defined]
@@ -146,6 +147,10 @@ class HubMetrics:
             buckets=WORK_BUCKETS, registry=r,
         )  # fmt: skip
         self.rounds = Counter("fedge_hub_rounds", "Rounds finished, by result.", ["result"], registry=r)
+        self.round_progress = Gauge(
+            "fedge_hub_round_progress", "Fraction of the running round's phase done (0 when no round runs).",
+            ["phase"], registry=r,
+        )  # fmt: skip
         self.model_version = Gauge("fedge_hub_model_version", "Version of the published global model.", registry=r)
         self.connected = Gauge("fedge_hub_broker_connected", "1 while connected to the broker.", registry=r)
         self.fedavg_round_bytes = Gauge(
@@ -186,6 +191,8 @@ class HubMetrics:
             self.rejections.labels(c)
         for res in ("done", "failed"):
             self.rounds.labels(res)
+        for phase in ROUND_PHASES:
+            self.round_progress.labels(phase)
 
     def watch_ledger(self, counts: Callable[[], dict[str, int]]) -> None:
         """Export contributions by state straight from the ledger at scrape time."""

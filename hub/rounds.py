@@ -38,6 +38,11 @@ class RoundResult:
     training_s: float
 
 
+# progress(phase, done, total): called as a round advances ("synthesis": contributions, "training":
+# epochs or contributions' statistics); the service turns it into log lines and a gauge.
+Progress = Callable[[str, int, int], None]
+
+
 def label_space(contributions: list[Contribution]) -> tuple[str, ...]:
     """Sorted union of the labels the contributions carry: the global model's classes."""
     return tuple(sorted({lp.label for c in contributions for lp in c.labels}))
@@ -49,6 +54,7 @@ def train_on_synthetic(
     image_size: int,
     cfg: TrainConfig,
     checkpoint: Callable[[], None] | None = None,
+    progress: Progress | None = None,
 ) -> SmallCNN:
     """Train the global classifier on a synthetic set (classes balanced by loss weights)."""
     if len(synthetic.labels) == 0:
@@ -66,6 +72,7 @@ def train_on_synthetic(
         lr=cfg.lr,
         seed=cfg.seed,
         checkpoint=checkpoint,
+        on_epoch=None if progress is None else lambda done, total: progress("training", done, total),
     )  # fmt: skip  (the model is built by train_classifier after it seeds torch: same seed, same weights)
 
 
@@ -74,6 +81,7 @@ def run_round(
     synthesizer: Synthesizer,
     cfg: TrainConfig,
     checkpoint: Callable[[], None] | None = None,
+    progress: Progress | None = None,
 ) -> RoundResult:
     """Synthesize every contribution (in contribution-id order, so arrival order does not matter) and train.
 
@@ -81,10 +89,15 @@ def run_round(
     """
     ordered = sorted(contributions, key=lambda c: c.contribution_id)
     t0 = time.perf_counter()
-    synthetic = synthesizer.synthesize_all(ordered, checkpoint)
+    parts = []
+    for i, c in enumerate(ordered):
+        parts.append(synthesizer.synthesize(c, checkpoint))
+        if progress is not None:
+            progress("synthesis", i + 1, len(ordered))
+    synthetic = SyntheticSet.concat(parts)
     t1 = time.perf_counter()
     names = label_space(ordered)
-    model = train_on_synthetic(synthetic, names, synthesizer.foundation.image_size, cfg, checkpoint)
+    model = train_on_synthetic(synthetic, names, synthesizer.foundation.image_size, cfg, checkpoint, progress)
     return RoundResult(model, names, synthetic, t1 - t0, time.perf_counter() - t1)
 
 

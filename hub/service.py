@@ -23,7 +23,7 @@ from hub.delivery import clear_messages, model_messages
 from hub.intake import Rejected, parse_contribution, parse_evaluation, parse_site_status
 from hub.learning.exact import ExactModel
 from hub.ledger import Ledger
-from hub.metrics import HubMetrics
+from hub.metrics import ROUND_PHASES, HubMetrics
 from hub.registry import ModelRegistry, ModelVersion
 from hub.unlearning import Unlearning
 from runtime.mqtt import Bus, Message, NotConnected
@@ -109,6 +109,8 @@ class HubService:
         self._waiting_logged: int | None = None  # active sites when "waiting for sites" was last said
         self._failed: tuple[set[str], float] | None = None  # contributions of the last failed round, and when
         self._state = "online"
+        self._round_id: int | None = None  # the round being trained, for progress lines
+        self._progress_logged = 0.0
         self.session_id = new_id()
         self.bus = Bus(
             f"fedge-hub-{s.hub_id}",
@@ -323,6 +325,7 @@ class HubService:
             self.ledger.finish_round(round_id, ids, before.version)
             return None
         self._publish_status("training")
+        self._round_id, self._progress_logged = round_id, time.monotonic()
         started = time.perf_counter()
         log.info(
             "round %d: %d contributions from %d sites", round_id, len(ids), len({c.site_id for c in contributions})
@@ -330,10 +333,12 @@ class HubService:
         try:
             version, exact = self._train(contributions, round_id)
         except Stopping:
+            self._progress_idle()
             redo = self.ledger.interrupt_round(round_id, "hub stopped during the round; redone on the next start")
             log.warning("round %d interrupted by a stop; requested again as round %d", round_id, redo)
             return None
         except Exception as err:  # a failed round is recorded and reported, the hub keeps serving
+            self._progress_idle()
             log.exception("round %d failed; the same contributions are retried in %d s", round_id, ROUND_RETRY_S)
             self._failed = (set(ids), time.monotonic())
             self.ledger.finish_round(round_id, ids, None, f"{type(err).__name__}: {err}")
@@ -345,6 +350,7 @@ class HubService:
             exact.training_digest if exact else None, json.dumps(version.manifest).encode(),
         )  # fmt: skip
         self.ledger.finish_round(round_id, ids, version.version)
+        self._progress_idle()
         self.metrics.rounds.labels("done").inc()
         self.metrics.model_version.set(version.version)
         self.deliver(version)
@@ -369,7 +375,7 @@ class HubService:
 
         extra = {"foundation": self.foundation.encoder_id, "round": round_id}
         if self.trainer is None:
-            result = run_round(contributions, self.synthesizer, self.train_config, self._checkpoint)
+            result = run_round(contributions, self.synthesizer, self.train_config, self._checkpoint, self._progress)
             self._checkpoint()
             version = publish(result, self.registry, contributions, {**extra, "method": "retrain_exact"})
             self.metrics.synthesis.observe(result.synthesis_s)
@@ -377,7 +383,13 @@ class HubService:
             log.info("round %d: model v%d (%d synthetic samples, %.1f s + %.1f s)", round_id, version.version,
                      len(result.synthetic.labels), result.synthesis_s, result.training_s)  # fmt: skip
             return version, None
+        # Each contribution's statistics (synthesis, then features) once, with progress; the fit then reads them.
+        with_samples = sorted((c for c in contributions if c.labels), key=lambda c: c.contribution_id)
+        for i, c in enumerate(with_samples):
+            self.trainer.stats(c, self._checkpoint)
+            self._progress("synthesis", i + 1, len(with_samples))
         exact = self.trainer.fit(contributions, self._checkpoint)
+        self._progress("training", 1, 1)
         self._checkpoint()
         size = self.foundation.image_size
         meta = {
@@ -396,6 +408,19 @@ class HubService:
                  "solve %.3f s, export %.3f s)", round_id, version.version, exact.synthetic_samples,
                  t.get("statistics_s", 0), t["sum_s"], t["solve_s"], t["export_s"])  # fmt: skip
         return version, exact
+
+    def _progress(self, phase: str, done: int, total: int) -> None:
+        """A round advanced: the gauge always, a log line at the end of a phase and at most every 15 s."""
+        self.metrics.round_progress.labels(phase).set(done / total if total else 1.0)
+        t = time.monotonic()
+        if done >= total or t - self._progress_logged >= 15:
+            self._progress_logged = t
+            unit = "contributions" if phase == "synthesis" else "epochs" if self.trainer is None else "solve"
+            log.info("round %s: %s %d/%d %s", self._round_id, phase, done, total, unit)
+
+    def _progress_idle(self) -> None:
+        for phase in ROUND_PHASES:
+            self.metrics.round_progress.labels(phase).set(0)
 
     def _checkpoint(self) -> None:
         """Called between batches of a round: abandon it when the service is stopping."""

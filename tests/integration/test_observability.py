@@ -146,6 +146,12 @@ def test_metrics_scraped_linted_and_every_dashboard_query_returns_data(tmp_path:
     assert hub['fedge_hub_messages_total{"kind": "embeddings", "result": "accepted"}'] == 4
     assert hub['fedge_hub_contributions{"state": "superseded"}'] == 1
     assert hub["fedge_hub_fedavg_round_bytes{}"] > 0
+    # No round runs once v2 is delivered: the progress gauge is back to 0 for both phases.
+    assert (
+        hub['fedge_hub_round_progress{"phase": "synthesis"}']
+        == hub['fedge_hub_round_progress{"phase": "training"}']
+        == 0
+    )
     for s in SITES:
         edge = scraped[s]
         assert edge["fedge_edge_model_version{}"] == 2
