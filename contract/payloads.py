@@ -443,6 +443,7 @@ ErrorCode = Literal[
     "replay",
     "unknown_key",
     "internal",
+    "unlearned",
 ]
 
 

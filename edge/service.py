@@ -371,6 +371,9 @@ class EdgeService:
         if report.topic == self.forgetter.request_topic:
             return "accepted"  # this site's own answer to a refused forget request, heard back on its errors topic
         self.metrics.hub_errors.labels(report.code).inc()
+        if report.code == "unlearned":  # not a rejection: FRAMU at the hub stopped training on a contribution
+            log.warning("hub: %s", report.reason)
+            return "accepted"
         log.error("hub rejected %s: %s: %s", report.ref_id or "a message", report.code, report.reason)
         return "accepted"
 

@@ -141,6 +141,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_framu(args: argparse.Namespace) -> int:
+    """FRAMU: its attention per model version, its decisions, and the operator's pins."""
+    found = _existing_ledger(args)
+    if found is None:
+        return 2
+    settings, ledger = found
+    try:
+        if args.action in ("pin", "unpin"):
+            if not args.subject:
+                print(f"error: framu {args.action} needs a contribution id or a site id", file=sys.stderr)
+                return 2
+            if args.action == "pin":
+                done = ledger.pin(args.subject, args.note or "")
+                print(
+                    f"{args.subject} {'pinned' if done else 'was already pinned'}: FRAMU never unlearns it on its own"
+                )
+            else:
+                done = ledger.unpin(args.subject)
+                print(f"{args.subject} {'unpinned' if done else 'was not pinned'}")
+            return 0
+        out = {
+            "mode": settings.framu.mode,
+            "pins": sorted(ledger.pins()),
+            "rounds": ledger.framu_rounds()[-5:],
+            "unlearned": ledger.uncertified_unlearning(),
+            "decisions": [d for d in ledger.audit_rows()["decisions"] if d["kind"].startswith("framu")][-20:],
+        }
+    finally:
+        ledger.close()
+    print(json.dumps(out, indent=1, default=str))
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """Export the audit trail (JSONL + CSV) or verify an exported one."""
     from hub.unlearning import audit
@@ -299,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="contributions, rounds, rejections and evaluations from the ledger")
     st.add_argument("--config", type=Path)
     st.set_defaults(fn=cmd_status)
+    fr = sub.add_parser("framu", help="`framu status`, `framu pin ID`, `framu unpin ID` (docs/framu.md)")
+    fr.add_argument("action", choices=["status", "pin", "unpin"])
+    fr.add_argument("subject", nargs="?", help="pin/unpin: a contribution id or a site id")
+    fr.add_argument("--note", help="pin: why (kept in the audit trail)")
+    fr.add_argument("--config", type=Path)
+    fr.set_defaults(fn=cmd_framu)
     au = sub.add_parser("audit", help="`audit export --out DIR`: the trail as JSONL + CSV; `audit verify DIR`")
     au.add_argument("action", choices=["export", "verify"])
     au.add_argument("folder", nargs="?", type=Path, help="verify: the exported folder")

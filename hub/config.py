@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from contract.payloads import SiteId
 from contract.topics import DEFAULT_PREFIX, SHARE_GROUP
 from hub.delivery import DEFAULT_CHUNK_BYTES
+from hub.framu import RECOMMENDED
 from hub.intake import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MIN_GROUP_SIZE
 from runtime.mqtt import BrokerSettings
 from runtime.threads import DEFAULT_THREADS
@@ -63,6 +64,43 @@ class ClosedFormSettings(BaseModel):
     )
 
 
+class FramuSettings(BaseModel):
+    """FRAMU: attention over contributions, learned from the sites' evaluations (docs/framu.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["off", "recommend", "auto"] = Field(
+        default="recommend",
+        description="off: uniform weights, no attention; recommend: attention computed, reported and exported, "
+        "models trained with uniform weights, nothing unlearned; auto: attention weights set each contribution's "
+        "share of the training set and contributions below the threshold for `patience` rounds are unlearned "
+        "exactly (needs model closed_form).",
+    )
+    threshold: float = Field(
+        default=RECOMMENDED.threshold, gt=0, lt=1, description="Attention below which a contribution is a candidate."
+    )
+    patience: int = Field(
+        default=RECOMMENDED.patience,
+        ge=1,
+        le=100,
+        description="Consecutive rounds below the threshold before unlearning.",
+    )
+    outdated_after_s: float = Field(
+        default=RECOMMENDED.outdated_after_s, ge=0,
+        description="A candidate whose site sent nothing newer for this long is unlearned as `outdated`, "
+        "else as `irrelevant`.",
+    )  # fmt: skip
+    eval_wait_s: float = Field(
+        default=600.0, gt=0, le=86400,
+        description="How long the reward for a model waits for every site's evaluation before it uses those in.",
+    )  # fmt: skip
+    max_rounds: int = Field(
+        default=5, ge=0, le=100,
+        description="Rounds in a row that FRAMU may start on its own (each ships a model) while a contribution "
+        "is below the threshold but not yet decided; new input resets the count.",
+    )  # fmt: skip
+
+
 class StableDiffusionSettings(BaseModel):
     """A Stable Diffusion checkpoint on local disk and its encoders exported for the sites."""
 
@@ -109,6 +147,7 @@ class HubSettings(BaseSettings):
         "from scratch on every change (the only choice with Stable Diffusion).",
     )
     closed_form: ClosedFormSettings = Field(default_factory=ClosedFormSettings)
+    framu: FramuSettings = Field(default_factory=FramuSettings)
     site_keys_dir: Path | None = Field(
         default=None,
         description="Folder of sites' public keys (<site_id>.pub.pem) that forget receipts must be signed with; "
@@ -148,6 +187,11 @@ class HubSettings(BaseSettings):
             self.model = "cnn"  # the closed-form head needs an image encoder in ONNX, which SD checkpoints lack
         if self.backend == "stable-diffusion" and self.model == "closed_form":
             raise ValueError("model closed_form needs the bundled backend (an image encoder in ONNX); use model: cnn")
+        if self.framu.mode == "auto" and self.model != "closed_form":
+            raise ValueError(
+                "framu.mode auto weighs each contribution's statistics, which needs model closed_form; "
+                "use framu.mode recommend with model cnn"
+            )
         if self.backend == "stable-diffusion" and self.stable_diffusion is None:
             raise ValueError(
                 "backend stable-diffusion needs stable_diffusion.model_dir and stable_diffusion.encoders_dir"

@@ -100,7 +100,36 @@ CREATE TABLE IF NOT EXISTS model_versions (
     trained_on TEXT NOT NULL,
     stats_digests TEXT,
     training_digest TEXT,
-    manifest BLOB
+    manifest BLOB,
+    weights TEXT
+);
+CREATE TABLE IF NOT EXISTS framu_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    state TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS framu_pins (
+    subject TEXT PRIMARY KEY,
+    pinned_at TEXT NOT NULL,
+    note TEXT
+);
+CREATE TABLE IF NOT EXISTS framu_rounds (
+    model_version INTEGER PRIMARY KEY,
+    mode TEXT NOT NULL,
+    weights TEXT,
+    attention TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    reward REAL,
+    td_error REAL,
+    rewarded_at TEXT
+);
+CREATE TABLE IF NOT EXISTS automatic_unlearning (
+    contribution_id TEXT PRIMARY KEY,
+    site_id TEXT NOT NULL,
+    reason TEXT NOT NULL CHECK (reason IN ('outdated', 'irrelevant')),
+    figures TEXT NOT NULL,
+    decided_at TEXT NOT NULL,
+    certificate_id TEXT
 );
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -110,6 +139,11 @@ CREATE TABLE IF NOT EXISTS decisions (
     detail TEXT NOT NULL
 );
 """
+
+
+def weights_from_hex(text: str | None) -> dict[str, float] | None:
+    """A model version's recorded FRAMU weights (stored as float.hex() strings, exact), or None for uniform."""
+    return None if not text else {k: float.fromhex(v) for k, v in json.loads(text).items()}
 
 
 def _now() -> str:
@@ -138,6 +172,8 @@ class Ledger:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(contributions)")}
         if "purged_at" not in columns:  # a ledger written before forgetting existed
             self._db.execute("ALTER TABLE contributions ADD COLUMN purged_at TEXT")
+        if "weights" not in {r[1] for r in self._db.execute("PRAGMA table_info(model_versions)")}:
+            self._db.execute("ALTER TABLE model_versions ADD COLUMN weights TEXT")  # written before FRAMU
 
     def close(self) -> None:
         """Close the file."""
@@ -209,24 +245,35 @@ class Ledger:
         return True
 
     def active(self) -> list[Contribution]:
-        """The active contribution of every site, in contribution-id order."""
+        """The active contribution of every site (unless FRAMU unlearned it), in contribution-id order."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT payload FROM contributions WHERE state = 'active' ORDER BY contribution_id"
+                "SELECT payload FROM contributions WHERE state = 'active' AND contribution_id NOT IN (SELECT contribution_id FROM automatic_unlearning) "
+                "ORDER BY contribution_id"
             ).fetchall()
         return [Contribution.model_validate_json(r[0]) for r in rows]
 
     def active_ids(self) -> set[str]:
         """Ids of the active contributions that carry samples (what a round would train on), without parsing them."""
         with self._lock:
-            rows = self._db.execute("SELECT contribution_id FROM contributions WHERE state = 'active' AND labels > 0")
+            rows = self._db.execute(
+                "SELECT contribution_id FROM contributions WHERE state = 'active' AND labels > 0 AND contribution_id NOT IN (SELECT contribution_id FROM automatic_unlearning)"
+            )
             return {r[0] for r in rows}
 
     def counts_by_state(self) -> dict[str, int]:
         """Number of contributions per state."""
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM contributions GROUP BY state").fetchall()
-        return {"active": 0, "superseded": 0, **dict(rows)}
+            unlearned = self._db.execute(
+                "SELECT COUNT(*) FROM automatic_unlearning a JOIN contributions c USING (contribution_id) "
+                "WHERE c.state = 'active'"
+            ).fetchone()[0]
+        counts = {"active": 0, "superseded": 0, **dict(rows)}
+        # A contribution FRAMU unlearned stays its site's latest, but is no longer trained on.
+        counts["active"] -= unlearned
+        counts["unlearned"] = unlearned
+        return counts
 
     def contribution_ids(self, site_id: str | None = None) -> list[str]:
         """Every contribution id ever ingested (optionally of one site), oldest first."""
@@ -351,6 +398,21 @@ class Ledger:
             )
             return [RoundRow(r[0], r[1], r[2], json.loads(r[3] or "[]"), r[4], r[5]) for r in cur]
 
+    def round_trigger(self, round_id: int) -> str | None:
+        """What asked for a round (min_sites, deadline, forget, framu, manual, redo:N)."""
+        with self._lock:
+            row = self._db.execute("SELECT trigger FROM rounds WHERE round_id = ?", (round_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def contribution_payload_info(self, contribution_id: str) -> tuple[str, int] | None:
+        """(payload sha256, payload bytes) of a contribution, for messages that refer to it."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT payload_sha256, LENGTH(payload) FROM contributions WHERE contribution_id = ?",
+                (contribution_id,),
+            ).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]))
+
     def last_trained_set(self) -> set[str] | None:
         """Contribution ids of the last successful round, or None before the first."""
         with self._lock:
@@ -401,25 +463,32 @@ class Ledger:
             return self._db.execute(q, (contribution_id,)).fetchone() is not None
 
     def record_model_version(self, version: int, method: str, trained_on: list[str], stats_digests: dict | None,
-                             digest: str | None, manifest: bytes | None) -> None:  # fmt: skip
-        """What a published model version was trained on (the audit trail's answer to 'which data is in v3?')."""
+                             digest: str | None, manifest: bytes | None,
+                             weights: dict[str, float] | None = None) -> None:  # fmt: skip
+        """What a published model version was trained on (the audit trail's answer to 'which data is in v3?').
+
+        `weights`: each contribution's weight in a weighted fit (FRAMU, mode auto), None for uniform.
+        """
         with self._tx():
             self._db.execute(
-                "INSERT OR REPLACE INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO model_versions (version, created_at, method, trained_on, stats_digests, "
+                "training_digest, manifest, weights) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (version, _now(), method, json.dumps(sorted(trained_on)),
-                 json.dumps(stats_digests, sort_keys=True) if stats_digests is not None else None, digest, manifest),
+                 json.dumps(stats_digests, sort_keys=True) if stats_digests is not None else None, digest, manifest,
+                 None if weights is None else json.dumps({k: float(v).hex() for k, v in sorted(weights.items())})),
             )  # fmt: skip
 
     def model_versions(self) -> list[dict]:
         """Every recorded model version, oldest first."""
         with self._lock:
             cur = self._db.execute(
-                "SELECT version, created_at, method, trained_on, stats_digests, training_digest FROM model_versions "
-                "ORDER BY version"
+                "SELECT version, created_at, method, trained_on, stats_digests, training_digest, weights "
+                "FROM model_versions ORDER BY version"
             )
             return [
                 {"version": r[0], "created_at": r[1], "method": r[2], "trained_on": json.loads(r[3]),
-                 "stats_digests": json.loads(r[4]) if r[4] else None, "training_digest": r[5]}
+                 "stats_digests": json.loads(r[4]) if r[4] else None, "training_digest": r[5],
+                 "weights": weights_from_hex(r[6])}
                 for r in cur
             ]  # fmt: skip
 
@@ -450,12 +519,123 @@ class Ledger:
         with self._lock:
             return [bytes(r[0]) for r in self._db.execute("SELECT payload FROM certificates ORDER BY issued_at")]
 
+    # --- FRAMU: its learning state, operator pins, weights per model version, automatic unlearning ---
+    def framu_state(self) -> dict | None:
+        """FRAMU's persisted learning state, or None before its first round."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM framu_state WHERE id = 1").fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def save_framu(self, state: dict, model_version: int | None = None, mode: str | None = None,
+                   weights: dict[str, float] | None = None, attention: dict[str, float] | None = None,
+                   reward: tuple[float, float] | None = None) -> None:  # fmt: skip
+        """Persist FRAMU's state with what it did, in one transaction: a round's weights, or a model's reward."""
+        with self._tx():
+            self._db.execute(
+                "INSERT OR REPLACE INTO framu_state VALUES (1, ?, ?)", (json.dumps(state, sort_keys=True), _now())
+            )
+            if model_version is not None and attention is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO framu_rounds (model_version, mode, weights, attention, recorded_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (model_version, mode, None if weights is None else json.dumps(weights, sort_keys=True),
+                     json.dumps(attention, sort_keys=True), _now()),
+                )  # fmt: skip
+            if model_version is not None and reward is not None:
+                self._db.execute(
+                    "UPDATE framu_rounds SET reward = ?, td_error = ?, rewarded_at = ? WHERE model_version = ?",
+                    (reward[0], reward[1], _now(), model_version),
+                )
+
+    def framu_rounds(self) -> list[dict]:
+        """FRAMU's record per model version, oldest first."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT model_version, mode, weights, attention, reward, td_error FROM framu_rounds ORDER BY model_version"
+            )
+            return [
+                {"model_version": r[0], "mode": r[1], "weights": json.loads(r[2]) if r[2] else None,
+                 "attention": json.loads(r[3]), "reward": r[4], "td_error": r[5]}
+                for r in cur
+            ]  # fmt: skip
+
+    def pin(self, subject: str, note: str = "") -> bool:
+        """Pin a contribution id or a site id: FRAMU never unlearns it automatically. False if already pinned."""
+        with self._tx():
+            cur = self._db.execute("INSERT OR IGNORE INTO framu_pins VALUES (?, ?, ?)", (subject, _now(), note))
+            if cur.rowcount:
+                self._decide("framu_pin", subject, {"note": note})
+            return bool(cur.rowcount)
+
+    def unpin(self, subject: str) -> bool:
+        """Remove a pin; False if there was none."""
+        with self._tx():
+            cur = self._db.execute("DELETE FROM framu_pins WHERE subject = ?", (subject,))
+            if cur.rowcount:
+                self._decide("framu_unpin", subject, {})
+            return bool(cur.rowcount)
+
+    def pins(self) -> set[str]:
+        """Pinned contribution and site ids."""
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT subject FROM framu_pins")}
+
+    def unlearn_automatically(self, decisions: list[tuple[str, str, str, dict]]) -> list[str]:
+        """Record FRAMU decisions (contribution id, site, reason, figures) as unlearned; the ids newly recorded.
+
+        From this commit on the contributions are out of `active()`: the next round trains without them.
+        """
+        new = []
+        with self._tx():
+            for cid, site, reason, figures in decisions:
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO automatic_unlearning VALUES (?, ?, ?, ?, ?, NULL)",
+                    (cid, site, reason, json.dumps(figures, sort_keys=True), _now()),
+                )
+                if cur.rowcount:
+                    new.append(cid)
+                    self._decide("framu_unlearn", cid, {"site": site, "reason": reason, "figures": figures})
+        return new
+
+    def record_recommendations(self, decisions: list[tuple[str, str, str, dict]]) -> None:
+        """What FRAMU would unlearn in mode auto (mode recommend): recorded for the operator and the audit trail."""
+        with self._tx():
+            for cid, site, reason, figures in decisions:
+                self._decide("framu_recommend", cid, {"site": site, "reason": reason, "figures": figures})
+
+    def uncertified_unlearning(self) -> list[dict]:
+        """FRAMU's unlearned contributions no certificate covers yet, oldest first."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT contribution_id, site_id, reason, figures, decided_at FROM automatic_unlearning "
+                "WHERE certificate_id IS NULL ORDER BY decided_at, contribution_id"
+            )
+            return [
+                {"contribution_id": r[0], "site_id": r[1], "reason": r[2], "figures": json.loads(r[3]),
+                 "decided_at": r[4]}
+                for r in cur
+            ]  # fmt: skip
+
+    def certify_unlearning(
+        self, certificate_id: str, version: int, payload: bytes, contribution_ids: list[str]
+    ) -> None:
+        """Store a certificate of automatic unlearning and mark the contributions it covers, at once."""
+        with self._tx():
+            self._db.execute(
+                "INSERT OR IGNORE INTO certificates VALUES (?, ?, ?, ?)", (certificate_id, _now(), version, payload)
+            )
+            self._db.executemany(
+                "UPDATE automatic_unlearning SET certificate_id = ? WHERE contribution_id = ?",
+                [(certificate_id, c) for c in contribution_ids],
+            )
+            self._decide("certificate", certificate_id, {"model_version": version, "automatic": contribution_ids})
+
     def audit_rows(self) -> dict[str, list[dict]]:
         """Everything the audit export holds, table by table (payload blobs as text where they are JSON)."""
         out: dict[str, list[dict]] = {}
         with self._lock:
             for table in ("contributions", "forget_receipts", "certificates", "model_versions", "rounds", "rejections",
-                          "site_keys", "decisions"):  # fmt: skip
+                          "site_keys", "decisions", "automatic_unlearning", "framu_rounds", "framu_pins"):  # fmt: skip
                 cur = self._db.execute(f"SELECT * FROM {table}")  # noqa: S608 (fixed table names)
                 cols = [d[0] for d in cur.description]
                 rows = []

@@ -174,6 +174,22 @@ class HubMetrics:
             "fedge_hub_unlearning_seconds", "Time to re-solve the model without the forgotten contributions.",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.framu_attention = Gauge(
+            "fedge_hub_framu_attention", "FRAMU's noise-free attention of each site's active contribution (0 to 1).",
+            ["site"], registry=r,
+        )  # fmt: skip
+        self.framu_decisions = Counter(
+            "fedge_hub_framu_decisions", "FRAMU's decisions, by reason and action (unlearned in auto, recommended).",
+            ["reason", "action"], registry=r,
+        )  # fmt: skip
+        self.framu_reward = Gauge(
+            "fedge_hub_framu_reward", "Median of the sites' reported accuracy of the newest model: FRAMU's reward.",
+            registry=r,
+        )  # fmt: skip
+        self.framu_td_error = Gauge("fedge_hub_framu_td_error", "TD error of FRAMU's last update.", registry=r)
+        for reason in ("outdated", "irrelevant"):
+            for action in ("unlearned", "recommended"):
+                self.framu_decisions.labels(reason, action)
         self.certificates = Counter(
             "fedge_hub_certificates", "Unlearning certificates published, by reason.", ["reason"], registry=r
         )

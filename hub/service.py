@@ -100,6 +100,9 @@ class HubService:
             self.ledger, self.signing_key, s.hub_id, self.trainer, s.site_keys_dir,
             verify_refit=s.closed_form.verify_refit, synthesizer=self.synthesizer,
         )  # fmt: skip
+        from hub.framu.loop import FramuLoop
+
+        self.framu = FramuLoop(s.framu, self.ledger, s.synthesis.seed, self.metrics)
         if created:
             log.warning("created the hub's signing key %s at %s (public half beside it: give it to the sites)",
                         self.key_id, s.signing_key_path())  # fmt: skip
@@ -294,8 +297,11 @@ class HubService:
             self._pending_since = now
         p = self.settings.rounds
         trigger = None
-        if self.unlearning.wants_round(active, self.ledger.last_trained_set() or set()):
+        last_trained = self.ledger.last_trained_set() or set()
+        if self.unlearning.wants_round(active, last_trained):
             trigger = "forget"  # a forget request is honoured now, whatever the site minimum
+        elif self.framu.wants_unlearning_round(last_trained):
+            trigger = "framu"  # FRAMU unlearned a contribution the current model carries: now, likewise
         elif len(active) >= p.min_sites:
             trigger = "min_sites"
         elif p.deadline_s is not None and now - self._pending_since >= p.deadline_s:
@@ -319,7 +325,9 @@ class HubService:
             self.metrics.rounds.labels("failed").inc()
             return None
         before = self.registry.latest()
-        if before is not None and set(ids) == (self.ledger.last_trained_set() or set()):
+        trigger = self.ledger.round_trigger(round_id)
+        relearn = trigger == "framu" and self.framu.mode == "auto"  # same data, new weights
+        if before is not None and set(ids) == (self.ledger.last_trained_set() or set()) and not relearn:
             # A second `round start` with nothing new would ship an identical model under a new version.
             log.info("round %d: nothing changed since model v%d; not retrained", round_id, before.version)
             self.ledger.finish_round(round_id, ids, before.version)
@@ -330,8 +338,9 @@ class HubService:
         log.info(
             "round %d: %d contributions from %d sites", round_id, len(ids), len({c.site_id for c in contributions})
         )
+        weights, attention = self.framu.round_weights(round_id, contributions)
         try:
-            version, exact = self._train(contributions, round_id)
+            version, exact = self._train(contributions, round_id, weights, attention)
         except Stopping:
             self._progress_idle()
             redo = self.ledger.interrupt_round(round_id, "hub stopped during the round; redone on the next start")
@@ -348,6 +357,7 @@ class HubService:
         self.ledger.record_model_version(
             version.version, version.manifest["method"], ids, exact.stats_digests if exact else None,
             exact.training_digest if exact else None, json.dumps(version.manifest).encode(),
+            exact.weights if exact else None,
         )  # fmt: skip
         self.ledger.finish_round(round_id, ids, version.version)
         self._progress_idle()
@@ -366,14 +376,50 @@ class HubService:
                 self.metrics.forget_to_certificate.observe((cert.issued_at - cert.requested_at).total_seconds())
             if exact is not None:
                 self.metrics.unlearning_seconds.observe(cert.verification.get("unlearning_seconds", 0.0))
+        for cert, body, row in self.unlearning.certify_automatic(
+            version.version, version.sha256, before.version if before else None, ids, contributions, exact
+        ):
+            self.bus.publish(self.topics.hub_certificate, body)
+            self.metrics.sent_bytes.labels("certificate").inc(len(body))
+            self.metrics.certificates.labels(cert.reason).inc()
+            self._tell_unlearned(row, cert.certificate_id, version.version)
+        self.framu.after_round(version.version, weights, attention, contributions, trigger or "")
         self._publish_status("online")
         return version
 
-    def _train(self, contributions: list[Contribution], round_id: int) -> tuple[ModelVersion, ExactModel | None]:
-        """A new model version from `contributions`: the closed-form model, or the CNN retrained from scratch."""
+    def _tell_unlearned(self, row: dict, certificate_id: str, version: int) -> None:
+        """Tell a site, on its errors topic, that FRAMU unlearned its contribution, why, and with which figures."""
+        site, cid = row["site_id"], row["contribution_id"]
+        f = row["figures"]
+        figures = ", ".join(f"{k} {v:.3g}" for k, v in sorted(f.items()))
+        reason = (
+            f"FRAMU unlearned contribution {cid} as {row['reason']}: its attention stayed below the threshold "
+            f"({figures}); model v{version} no longer carries it (certificate {certificate_id}). Data that changed "
+            "makes a new contribution, which is weighed afresh; an operator can pin a site (`fedge-hub framu pin`)."
+        )
+        sha, size = self.ledger.contribution_payload_info(cid) or ("0" * 64, 0)
+        report = ErrorReport(
+            error_id=new_id(), site_id=site, at=now(), topic=self.topics.site(site, "embeddings"), code="unlearned",
+            reason=reason[:2000], ref_id=cid, payload_sha256=sha, payload_bytes=size,
+        )  # fmt: skip
+        body = report.model_dump_json().encode()
+        self.bus.publish_nowait(self.topics.site(site, "errors"), body)
+        self.metrics.sent_bytes.labels("errors").inc(len(body))
+
+    def _train(
+        self,
+        contributions: list[Contribution],
+        round_id: int,
+        weights: dict[str, float] | None = None,
+        attention: dict[str, float] | None = None,
+    ) -> tuple[ModelVersion, ExactModel | None]:
+        """A new model version from `contributions`: the closed-form model (weighted by FRAMU in mode auto), or
+        the CNN retrained from scratch."""
         from hub.rounds import publish, run_round
 
-        extra = {"foundation": self.foundation.encoder_id, "round": round_id}
+        extra: dict = {"foundation": self.foundation.encoder_id, "round": round_id}
+        if attention:
+            extra["framu"] = {"mode": self.framu.mode, "attention": attention, "weights": weights}
         if self.trainer is None:
             result = run_round(contributions, self.synthesizer, self.train_config, self._checkpoint, self._progress)
             self._checkpoint()
@@ -388,7 +434,7 @@ class HubService:
         for i, c in enumerate(with_samples):
             self.trainer.stats(c, self._checkpoint)
             self._progress("synthesis", i + 1, len(with_samples))
-        exact = self.trainer.fit(contributions, self._checkpoint)
+        exact = self.trainer.fit(contributions, self._checkpoint, weights=weights)
         self._progress("training", 1, 1)
         self._checkpoint()
         size = self.foundation.image_size
@@ -469,6 +515,9 @@ class HubService:
                             log.warning("could not republish model v%d: %s", latest.version, err)
                             self._republish.set()
                 self.check_policy(time.monotonic())
+                latest = self.registry.latest()
+                if self.framu.poll(latest.version if latest else None):
+                    self.ledger.request_round("framu")
                 if self.bus.connected:
                     round_id = self.ledger.claim_round()
                     if round_id is not None:

@@ -8,8 +8,10 @@
 
 Tables: contributions (ids, sites, states, payload sha256; the prototypes of contributions removed by
 a certificate are purged, their sha256 stays), forget_receipts (as the sites signed them),
-certificates (as the hub signed them), model_versions (which contributions, and which statistics,
-each version was trained on), rounds, rejections, site_keys, decisions.
+certificates (as the hub signed them), model_versions (which contributions, which statistics and,
+with FRAMU in mode auto, which weights each version was trained on), rounds, rejections, site_keys,
+decisions, automatic_unlearning (FRAMU's decisions: reason and figures), framu_rounds (attention,
+weights, reward and TD error per model version), framu_pins.
 
 `fedge-hub audit verify DIR [--hub-key hub.pub.pem]` checks, without the hub: every certificate's
 signature (against --hub-key when given, which a DPO should take from the hub's operator rather than
@@ -28,11 +30,11 @@ from typing import Any
 
 from contract import signing
 from hub.learning.exact import training_digest
-from hub.ledger import Ledger
+from hub.ledger import Ledger, weights_from_hex
 
 TABLES = (
     "contributions", "forget_receipts", "certificates", "model_versions", "rounds", "rejections", "site_keys",
-    "decisions",
+    "decisions", "automatic_unlearning", "framu_rounds", "framu_pins",
 )  # fmt: skip
 
 
@@ -86,6 +88,7 @@ def verify(folder: Path, hub_public_pem: str | None = None) -> dict[str, Any]:
             "stats_digests": json.loads(v["stats_digests"])
             if isinstance(v["stats_digests"], str)
             else v["stats_digests"],
+            "weights": weights_from_hex(v.get("weights")),
         }
     checked = {"certificates": 0, "receipts": 0, "contributions": 0}
 
@@ -107,7 +110,7 @@ def verify(folder: Path, hub_public_pem: str | None = None) -> dict[str, Any]:
                 problems.append(f"certificate {cid}: model v{v['version']} was trained on removed {sorted(carried)}")
             if sorted(v["trained_on"]) != sorted(body["trained_on"]):
                 problems.append(f"certificate {cid}: trained_on differs from model v{v['version']}'s record")
-            if v["stats_digests"] and training_digest(v["stats_digests"]) != body["training_digest"]:
+            if v["stats_digests"] and training_digest(v["stats_digests"], v["weights"]) != body["training_digest"]:
                 problems.append(f"certificate {cid}: training digest does not match model v{v['version']}")
         checked["certificates"] += 1
 

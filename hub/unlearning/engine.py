@@ -66,6 +66,58 @@ class Unlearning:
             r["superseded"] in last_trained and r["superseded"] not in active for r in self.ledger.open_receipts()
         )
 
+    def _exactness(
+        self, trained_on: list[str], active: list[Contribution], model: ExactModel | None, removed: list[str]
+    ) -> tuple[str, str, dict[str, float]]:
+        """(method, training digest, verification figures) of a model that no longer carries `removed`."""
+        verification: dict[str, float] = {"removed_in_training_set": float(len(set(trained_on) & set(removed)))}
+        if model is not None and self.trainer is not None:
+            timings = model.timings
+            verification["unlearning_seconds"] = round(sum(timings.get(k, 0.0) for k in ("sum_s", "solve_s", "export_s")), 4)  # fmt: skip
+            if self.verify_refit:
+                t0 = time.perf_counter()
+                refit = self.trainer.refit_from_scratch(active, weights=model.weights)
+                verification["refit_seconds"] = round(time.perf_counter() - t0, 4)
+                verification["refit_max_abs_diff"] = max_abs_diff(model.head, refit.head)
+                verification["refit_bit_identical"] = float(model.head.digest() == refit.head.digest())
+            return "closed_form_exact", model.training_digest, verification
+        # A retrained model has no statistics: its digest covers the contribution ids it was trained on.
+        return "retrain_exact", hashlib.sha256(json.dumps(sorted(trained_on)).encode()).hexdigest(), verification
+
+    def certify_automatic(
+        self,
+        version: int,
+        model_sha256: str,
+        version_before: int | None,
+        trained_on: list[str],
+        active: list[Contribution],
+        model: ExactModel | None,
+    ) -> list[tuple[UnlearningCertificate, bytes, dict]]:
+        """Certificates for FRAMU's decisions that model `version` honours: one per contribution, with the figures.
+
+        Reason `outdated` or `irrelevant`, no request ids; `verification` holds the exactness figures and
+        the decision's own (`framu_*`: attention, threshold, rounds below it, every feature). Nothing is
+        purged: no one asked for the data to be deleted, and the contribution's prototypes are the
+        evidence behind the decision. Returns (certificate, bytes, the decision's ledger row).
+        """
+        trained = set(trained_on)
+        out = []
+        for row in self.ledger.uncertified_unlearning():
+            cid = row["contribution_id"]
+            if cid in trained:
+                continue
+            method, digest, verification = self._exactness(trained_on, active, model, [cid])
+            verification.update({f"framu_{k}": float(v) for k, v in sorted(row["figures"].items())})
+            cert, body = make_certificate(
+                self.key, self.hub_id, row["reason"], [], [cid], version_before, version, model_sha256, trained_on,
+                digest, method, verification, None,
+            )  # fmt: skip
+            self.ledger.certify_unlearning(cert.certificate_id, version, body, [cid])
+            log.info("certificate %s: model v%d no longer carries %s (FRAMU: %s)", cert.certificate_id[:8], version,
+                     cid[:8], row["reason"])  # fmt: skip
+            out.append((cert, body, row))
+        return out
+
     def certify(
         self,
         version: int,
@@ -85,21 +137,7 @@ class Unlearning:
         if not covered:
             return []
         removed = sorted({r["superseded"] for r in covered})
-        verification: dict[str, float] = {"removed_in_training_set": float(len(trained & set(removed)))}
-        method = "retrain_exact"
-        digest = ""
-        if model is not None and self.trainer is not None:
-            method = "closed_form_exact"
-            digest = model.training_digest
-            verification["unlearning_seconds"] = round(sum(model.timings.get(k, 0.0) for k in ("sum_s", "solve_s", "export_s")), 4)  # fmt: skip
-            if self.verify_refit:
-                t0 = time.perf_counter()
-                refit = self.trainer.refit_from_scratch(active)
-                verification["refit_seconds"] = round(time.perf_counter() - t0, 4)
-                verification["refit_max_abs_diff"] = max_abs_diff(model.head, refit.head)
-                verification["refit_bit_identical"] = float(model.head.digest() == refit.head.digest())
-        else:  # a retrained model has no statistics: its digest covers the contribution ids it was trained on
-            digest = hashlib.sha256(json.dumps(sorted(trained_on)).encode()).hexdigest()
+        method, digest, verification = self._exactness(trained_on, active, model, removed)
         requested = min(datetime.fromisoformat(r["request_issued_at"]) for r in covered)
         cert, body = make_certificate(
             self.key, self.hub_id, "forget_request", sorted({r["request_id"] for r in covered}), removed,

@@ -195,7 +195,7 @@ def test_killing_an_edge_mid_round_loses_and_duplicates_nothing(
             p.wait(20)
     for s in sites:
         assert len(hub.ledger.contribution_ids(s)) == 1, f"{s} contributed more than once"
-    assert hub.ledger.counts_by_state() == {"active": 3, "superseded": 0}
+    assert hub.ledger.counts_by_state() == {"active": 3, "superseded": 0, "unlearned": 0}
     assert [r.state for r in hub.ledger.rounds()] == ["done"]
     assert sorted(hub.ledger.rounds()[0].contributions) == sorted(c.contribution_id for c in hub.ledger.active())
     sha = hub.registry.latest().sha256

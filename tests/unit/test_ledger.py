@@ -36,7 +36,7 @@ def test_a_reused_id_with_other_content_is_rejected_and_nothing_changes(tmp_path
     with pytest.raises(Rejected) as err:
         ledger.ingest(other, other.to_json_bytes())
     assert err.value.code == "duplicate_id"
-    assert ledger.counts_by_state() == {"active": 1, "superseded": 0}
+    assert ledger.counts_by_state() == {"active": 1, "superseded": 0, "unlearned": 0}
 
 
 def test_a_newer_contribution_supersedes_the_site_s_previous_one(tmp_path: Path) -> None:
@@ -47,7 +47,7 @@ def test_a_newer_contribution_supersedes_the_site_s_previous_one(tmp_path: Path)
     second = contribution("s1", seed=2, supersedes=first.contribution_id)
     ledger.ingest(second, second.to_json_bytes())
     assert {c.contribution_id for c in ledger.active()} == {second.contribution_id, other_site.contribution_id}
-    assert ledger.counts_by_state() == {"active": 2, "superseded": 1}
+    assert ledger.counts_by_state() == {"active": 2, "superseded": 1, "unlearned": 0}
     stray = contribution("s2", seed=3, supersedes=first.contribution_id)  # s1's id, claimed by s2
     with pytest.raises(Rejected) as err:
         ledger.ingest(stray, stray.to_json_bytes())
