@@ -3,20 +3,24 @@
 One round, as the hub runs it (docs/framu.md):
 
 1. `weights(contributions, evaluations, now, round_key)`: features of every contribution (state),
-   noise-free attention a_c = sigmoid(mu_c) with mu_c = bias + theta . (phi_c - ref) + u_c, and the
+   noise-free attention a_c = sigmoid(mu_c) with mu_c = bias + theta . z_c + u_c, z_c = phi_c - ref
+   (ref: a fixed reference, or the median over the contributions for age, idle time), and the
    action: exploration in logit space, w_c = sigmoid(mu_c + sigma * eps_c), eps_c ~ N(0, 1) clipped
    to +-max_noise and derived from (seed, round_key, contribution id) only. The proposal is kept
    in the state, pending its reward.
 2. The hub fits the closed-form model with those weights (each contribution's share of the
    synthetic set) and the sites evaluate it on their local held-out samples.
 3. `reward(model_version, evaluations)`: r = median (or mean) of the sites' accuracies of that
-   version; TD error delta = r - V (one-step episodes: gamma = 0, V the learned value baseline);
-   critic V += beta * delta; actor (Gaussian policy gradient with the TD error as advantage)
-   theta += alpha * delta * mean_c(eps_c / sigma * (phi_c - ref)) and, per contribution, its
-   attention offset u_c += alpha_u * delta * eps_c / sigma.
+   version (or their trimmed mean). Critic: V, the expected reward under the current policy and
+   contributions; TD error delta = r - V (one-step episodes, gamma = 0), V += beta * delta; V
+   restarts when the set of contributions changes (another state). Actor
+   (Gaussian policy gradient with the TD error as advantage, steps clipped):
+   theta += alpha * delta * mean_c(eps_c / sigma * z_c) and, per contribution, its attention
+   offset u_c += alpha_u * delta * eps_c / sigma.
 4. `decide(...)`: a contribution whose noise-free attention stays below `threshold` for
    `patience` consecutive rounds becomes a decision, `outdated` when its site has sent nothing
-   for `outdated_after_s`, else `irrelevant`. Pinned contributions are never decided.
+   for `outdated_after_s`, else `irrelevant`. Pinned contributions are never decided, and
+   FRAMU never excludes more than `max_unlearn_share` of the sites (its evidence is consensus).
 
 Pure numpy; nothing here imports torch. The state is plain JSON (floats round-trip exactly through
 json), so a hub that restarts with `Framu(config, state)` continues bit for bit.
@@ -40,17 +44,31 @@ from hub.framu.features import DAY_S, FEATURE_NAMES, SiteEvaluation, features
 STATE_FORMAT = 1
 
 # The value of each feature for a contribution with nothing against it: the policy scores the
-# difference, so the bias alone is the logit of such a contribution.
-FEATURE_REFERENCE: dict[str, float] = {
+# difference, so the bias alone is the logit of such a contribution. "median": the median over the
+# contributions scored together (only relative age matters: a common shift of every logit changes
+# no model, since the closed-form fit depends on relative weights only).
+FEATURE_REFERENCE: dict[str, float | str] = {
     "agreement": 1.0,
-    "margin": 0.0,
+    "margin": "median",
     "eval_gap": 0.0,
     "eval_missing": 0.0,
-    "log_age_days": 0.0,
-    "log_site_idle_days": 0.0,
+    "log_age_days": "median",
+    "log_site_idle_days": "median",
     "log_count_ratio": 0.0,
     "encoder_majority": 1.0,
 }
+
+
+def centred(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """z_c = phi_c - ref per contribution id (FEATURE_REFERENCE), the policy's input."""
+    if not feats:
+        return {}
+    m = np.stack([feats[c] for c in sorted(feats)])
+    ref = np.array(
+        [float(np.median(m[:, i])) if r == "median" else float(r) for i, r in enumerate(FEATURE_REFERENCE.values())]
+    )
+    return {c: feats[c] - ref for c in feats}
+
 
 # The initial policy (theta_0): the attention the features alone give, before any reward. Chosen on
 # validation data (`python -m bench.framu --select`, public split only); age, idle time and size
@@ -78,14 +96,16 @@ class FramuConfig:
     bias: float = 3.0  # logit of a contribution with nothing against it (sigmoid(3) = 0.95)
     prior: tuple[tuple[str, float], ...] = tuple(PRIOR.items())  # theta_0, by feature name
     learning_rate: float = 2.0  # alpha: actor step on theta
-    offset_learning_rate: float = 4.0  # alpha_u: actor step on each contribution's own attention offset
+    offset_learning_rate: float = 2.0  # alpha_u: actor step on each contribution's own attention offset
     value_learning_rate: float = 0.3  # beta: critic (value baseline) step
     exploration: float = 0.5  # sigma: exploration noise in logit space
     max_noise: float = 2.0  # |eps| is clipped here: an explored logit is within sigma * max_noise of the noise-free one
-    max_td: float = 0.2  # |TD error| used in an update is clipped here (accuracy units)
-    max_offset: float = 8.0  # |u_c| bound
+    max_td: float = 0.1  # |TD error| used in an update is clipped here (accuracy units)
+    max_step: float = 0.5  # norm of one round's change of theta, and of one offset, is clipped here
+    max_offset: float = 4.0  # |u_c| bound
     max_theta: float = 20.0  # |theta_i| bound
-    reward_aggregate: Literal["median", "mean"] = "median"
+    max_unlearn_share: float = 1 / 3  # never exclude more than floor(this * sites) sites
+    reward_aggregate: Literal["median", "mean", "trimmed"] = "trimmed"
     learn: bool = True  # False: the fixed attention policy (features alone, no exploration, no updates)
 
     def __post_init__(self) -> None:
@@ -98,8 +118,10 @@ class FramuConfig:
         unknown = sorted({k for k, _ in self.prior} - set(FEATURE_NAMES))
         if unknown:
             raise ValueError(f"prior names unknown features {unknown}; known: {list(FEATURE_NAMES)}")
-        if self.reward_aggregate not in ("median", "mean"):
-            raise ValueError(f"reward_aggregate must be 'median' or 'mean', got {self.reward_aggregate!r}")
+        if not 0.0 <= self.max_unlearn_share < 1.0:
+            raise ValueError(f"max_unlearn_share must be in [0, 1), got {self.max_unlearn_share}")
+        if self.reward_aggregate not in ("median", "mean", "trimmed"):
+            raise ValueError(f"reward_aggregate must be 'median', 'mean' or 'trimmed', got {self.reward_aggregate!r}")
 
 
 # Recommended settings for a hub (docs/framu.md): below 0.5 for 3 rounds; outdated after 30 days.
@@ -126,9 +148,17 @@ def _noise(seed: int, round_key: str, contribution_id: str) -> float:
     return float(np.random.default_rng(int.from_bytes(digest[:16], "little")).standard_normal())
 
 
-def aggregate_reward(accuracies: Sequence[float], how: str) -> float:
-    """The round's reward from the sites' accuracies: their median (robust to a few bad sites) or mean."""
-    return float(np.median(accuracies)) if how == "median" else float(np.mean(accuracies))
+def aggregate_reward(values: Sequence[float], how: str) -> float:
+    """Aggregate per-site figures: median, mean, or trimmed (interquartile) mean, which drops the lowest and
+    the highest quarter (floor(n / 4) sites each) and averages the rest: robust to a few bad sites
+    like the median, without the median's flatness on discrete accuracies."""
+    x = np.sort(np.asarray(values, np.float64))
+    if how == "median":
+        return float(np.median(x))
+    if how == "trimmed":
+        k = len(x) // 4
+        return float(x[k : len(x) - k].mean())
+    return float(x.mean())
 
 
 class Framu:
@@ -141,9 +171,11 @@ class Framu:
                 "format": STATE_FORMAT,
                 "theta": {n: float(dict(config.prior).get(n, 0.0)) for n in FEATURE_NAMES},
                 "offsets": {},  # contribution id -> u_c
-                "value": None,  # V: the critic's estimate of the next reward (None before the first)
+                "value": None,  # V: the critic's expected reward under the current policy (None: unknown)
+                "value_ids": [],  # the contributions V was learnt with
                 "streaks": {},  # contribution id -> consecutive rounds below threshold
                 "decided": [],  # contribution ids already reported as decisions (still active)
+                "excluded_sites": [],  # sites whose decided contribution left and nothing newer came
                 "attention": {},  # contribution id -> noise-free attention of the last proposal
                 "features": {},  # contribution id -> feature vector of the last proposal
                 "pending": None,  # the proposal awaiting its reward
@@ -164,17 +196,17 @@ class Framu:
 
     # ------------------------------------------------------------------------------------------ policy
 
-    def _logit(self, cid: str, phi: np.ndarray) -> float:
+    def _logit(self, cid: str, z: np.ndarray) -> float:
         theta = self._s["theta"]
-        z = sum(theta[n] * (float(phi[i]) - FEATURE_REFERENCE[n]) for i, n in enumerate(FEATURE_NAMES))
-        return self.config.bias + z + float(self._s["offsets"].get(cid, 0.0))
+        score = sum(theta[n] * float(z[i]) for i, n in enumerate(FEATURE_NAMES))
+        return self.config.bias + score + float(self._s["offsets"].get(cid, 0.0))
 
     def attention(
         self, contributions: list[Contribution], evaluations: list[SiteEvaluation], now: datetime
     ) -> dict[str, float]:
         """Noise-free attention weight in [0, 1] per contribution id; reads the state, changes nothing."""
-        feats = features(contributions, evaluations, now)
-        return {cid: _sigmoid(self._logit(cid, phi)) for cid, phi in feats.items()}
+        zs = centred(features(contributions, evaluations, now))
+        return {cid: _sigmoid(self._logit(cid, z)) for cid, z in zs.items()}
 
     def weights(
         self,
@@ -202,6 +234,7 @@ class Framu:
         """
         cfg = self.config
         feats = features(contributions, evaluations, now)
+        zs = centred(feats)
         ids = sorted(feats)
         # Offsets of contributions no longer active are dropped: ids are never reused.
         self._s["offsets"] = {c: u for c, u in self._s["offsets"].items() if c in feats}
@@ -211,17 +244,19 @@ class Framu:
             if cid in pinned:
                 out[cid] = attention[cid] = 1.0
                 continue
-            mu = self._logit(cid, feats[cid])
+            mu = self._logit(cid, zs[cid])
             e = float(np.clip(_noise(cfg.seed, round_key, cid), -cfg.max_noise, cfg.max_noise)) if sigma else 0.0
             mus[cid], eps[cid] = mu, e
             attention[cid] = _sigmoid(mu)
             out[cid] = _sigmoid(mu + sigma * e)
         self._s["attention"] = attention
         self._s["features"] = {cid: [float(x) for x in feats[cid]] for cid in ids}
+        self._s["centred"] = {cid: [float(x) for x in zs[cid]] for cid in ids}
         if explore:
             self._s["pending"] = {
                 "round_key": round_key,
-                "features": {cid: [float(x) for x in feats[cid]] for cid in mus},
+                "ids": ids,
+                "centred": {cid: [float(x) for x in zs[cid]] for cid in mus},
                 "eps": eps,
                 "logits": mus,
                 "sigma": sigma,
@@ -241,18 +276,19 @@ class Framu:
         pending = self._s["pending"]
         if pending is None:
             return None
-        accs = [
-            float(e.accuracy)
-            for e in evaluations
-            if e.model_version == model_version
-            and e.accuracy is not None
-            and e.samples > 0
-            and math.isfinite(e.accuracy)
-        ]
-        if not accs:
+        latest: dict[str, float] = {}
+        for e in evaluations:
+            ok = e.accuracy is not None and e.samples > 0 and math.isfinite(e.accuracy)
+            if e.model_version == model_version and ok:
+                latest[e.site_id] = float(e.accuracy)  # type: ignore[arg-type]
+        if not latest:
             return None
         cfg = self.config
-        r = aggregate_reward(accs, cfg.reward_aggregate)
+        sites = sorted(latest)
+        r = aggregate_reward([latest[x] for x in sites], cfg.reward_aggregate)
+        if self._s["value_ids"] != pending["ids"]:
+            # Other contributions, another state: the old expectation does not apply.
+            self._s["value"], self._s["value_ids"] = None, list(pending["ids"])
         v = self._s["value"]
         td = 0.0 if v is None else r - float(v)
         self._s["value"] = r if v is None else float(v) + cfg.value_learning_rate * td
@@ -260,20 +296,21 @@ class Framu:
         sigma = float(pending["sigma"])
         if cfg.learn and sigma > 0 and step != 0.0 and pending["eps"]:
             theta, offsets = self._s["theta"], self._s["offsets"]
-            n = len(pending["eps"])
             grad = np.zeros(len(FEATURE_NAMES))
-            ref = np.array([FEATURE_REFERENCE[f] for f in FEATURE_NAMES])
             for cid in sorted(pending["eps"]):
                 score = pending["eps"][cid] / sigma  # d log pi / d mu_c for a Gaussian policy in logit space
-                grad += score * (np.array(pending["features"][cid]) - ref)
-                u = float(offsets.get(cid, 0.0)) + cfg.offset_learning_rate * step * score
-                offsets[cid] = float(np.clip(u, -cfg.max_offset, cfg.max_offset))
+                grad += score * np.array(pending["centred"][cid])
+                du = float(np.clip(cfg.offset_learning_rate * step * score, -cfg.max_step, cfg.max_step))
+                offsets[cid] = float(np.clip(float(offsets.get(cid, 0.0)) + du, -cfg.max_offset, cfg.max_offset))
+            d_theta = cfg.learning_rate * step * grad / len(pending["eps"])
+            norm = float(np.linalg.norm(d_theta))
+            if norm > cfg.max_step:
+                d_theta *= cfg.max_step / norm
             for i, name in enumerate(FEATURE_NAMES):
-                t = theta[name] + cfg.learning_rate * step * float(grad[i]) / n
-                theta[name] = float(np.clip(t, -cfg.max_theta, cfg.max_theta))
+                theta[name] = float(np.clip(theta[name] + d_theta[i], -cfg.max_theta, cfg.max_theta))
         self._s["pending"] = None
         self._s["rounds"] += 1
-        self._s["last"] = {"reward": r, "td_error": td, "model_version": int(model_version), "sites": len(accs)}
+        self._s["last"] = {"reward": r, "td_error": td, "model_version": int(model_version), "sites": len(sites)}
         return td
 
     # --------------------------------------------------------------------------------------- decisions
@@ -300,15 +337,25 @@ class Framu:
                 newest[c.site_id] = c.created_at
         streaks = {cid: n for cid, n in self._s["streaks"].items() if cid in active}
         decided = [cid for cid in self._s["decided"] if cid in active]
-        out = []
+        active_sites = {c.site_id for c in contributions}
+        excluded = {x for x in self._s["excluded_sites"] if x not in active_sites}
+        flagged = excluded | {active[cid].site_id for cid in decided}
+        # Its evidence is agreement with the other sites: FRAMU never excludes a majority (or more than
+        # max_unlearn_share) of the sites, whatever the attention says.
+        budget = math.floor(cfg.max_unlearn_share * len(active_sites | excluded)) - len(flagged)
+        candidates = []
         for cid in sorted(active):
-            c = active[cid]
             if cid in pinned:
                 streaks[cid] = 0
                 continue
             w = float(self._s["attention"].get(cid, weights.get(cid, 1.0)))
             streaks[cid] = streaks.get(cid, 0) + 1 if w < cfg.threshold else 0
-            if streaks[cid] < cfg.patience or cid in decided:
+            if streaks[cid] >= cfg.patience and cid not in decided:
+                candidates.append((w, cid))
+        out = []
+        for w, cid in sorted(candidates):
+            c = active[cid]
+            if budget <= 0 or c.site_id in flagged:
                 continue
             idle_s = max(0.0, (now - newest[c.site_id]).total_seconds())
             age_s = max(0.0, (now - c.created_at).total_seconds())
@@ -323,10 +370,11 @@ class Framu:
                 "attention_offset": float(self._s["offsets"].get(cid, 0.0)),
                 "rounds_learned": float(self._s["rounds"]),
             }
-            phi = self._s["features"].get(cid)
+            phi, z = self._s["features"].get(cid), self._s.get("centred", {}).get(cid)
             if phi is not None:
                 figures.update({f"feature_{n}": float(x) for n, x in zip(FEATURE_NAMES, phi, strict=True)})
-                figures["logit"] = self._logit(cid, np.array(phi))
+            if z is not None:
+                figures["logit"] = self._logit(cid, np.array(z))
             figures.update({f"theta_{n}": float(t) for n, t in self._s["theta"].items()})
             for key in ("reward", "td_error"):
                 if key in self._s["last"]:
@@ -336,6 +384,10 @@ class Framu:
             reason: Literal["outdated", "irrelevant"] = "outdated" if idle_s > cfg.outdated_after_s else "irrelevant"
             out.append(Decision(cid, c.site_id, reason, figures))
             decided.append(cid)
+            flagged.add(c.site_id)
+            budget -= 1
+        # A decided site stays counted as excluded until it sends a newer contribution.
+        self._s["excluded_sites"] = sorted(excluded | {active[cid].site_id for cid in decided})
         self._s["streaks"], self._s["decided"] = streaks, decided
         return out
 

@@ -175,6 +175,21 @@ def test_reason_is_outdated_when_the_site_has_been_silent_longer_than_outdated_a
     assert reasons == {"site-4": "outdated", "site-5": "irrelevant"}
 
 
+def test_never_more_than_a_third_of_the_sites_are_excluded() -> None:
+    # Four of six sites flipped: FRAMU's evidence is consensus, so it stops at floor(6 / 3) = 2.
+    cs = [contribution(i) for i in range(2)] + [contribution(i, flip=True) for i in range(2, 6)]
+    agent = Framu(config(patience=1))
+    active, decided = list(cs), []
+    for t in range(4):
+        w = agent.weights(active, [], NOW, f"r{t}", explore=False)
+        for d in agent.decide(w, active, NOW):
+            decided.append(d)
+            active = [c for c in active if c.contribution_id != d.contribution_id]
+    assert len(decided) == 2 and len(active) == 4
+    # A decided site that sends a newer contribution is no longer counted as excluded.
+    assert set(agent.state()["excluded_sites"]) == {d.site_id for d in decided}
+
+
 def test_exploration_never_causes_a_decision() -> None:
     # Huge exploration noise, but every contribution's noise-free attention is high: nothing is decided.
     cs = [contribution(i) for i in range(5)]
