@@ -183,7 +183,7 @@ class HubMetrics:
             ["reason", "action"], registry=r,
         )  # fmt: skip
         self.framu_reward = Gauge(
-            "fedge_hub_framu_reward", "Median of the sites' reported accuracy of the newest model: FRAMU's reward.",
+            "fedge_hub_framu_reward", "The sites' reported accuracy of the newest model, aggregated as FRAMU's reward (docs/framu.md).",
             registry=r,
         )  # fmt: skip
         self.framu_td_error = Gauge("fedge_hub_framu_td_error", "TD error of FRAMU's last update.", registry=r)

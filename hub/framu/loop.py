@@ -133,7 +133,9 @@ class FramuLoop:
             if r["accuracy"] is not None
         ]
         if reports:  # what the policy is rewarded with, shown in every mode
-            self.metrics.framu_reward.set(aggregate_reward([e.accuracy for e in reports], "median"))  # type: ignore[misc]
+            self.metrics.framu_reward.set(
+                aggregate_reward([e.accuracy for e in reports], self.framu.config.reward_aggregate)
+            )  # type: ignore[misc]
         if self._waiting is None:
             return False
         version, expected, since = self._waiting
