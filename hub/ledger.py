@@ -514,6 +514,24 @@ class Ledger:
             self._decide("certificate", certificate_id, {"model_version": version, "receipts": receipt_ids,
                                                          "purged": purge})  # fmt: skip
 
+    def certificates_for(self, version: int) -> list[bytes]:
+        """The certificates that name model `version` as their model after, as signed, oldest first."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT payload FROM certificates WHERE model_version_after = ? AND LENGTH(payload) > 0 "
+                "ORDER BY issued_at, certificate_id",
+                (version,),
+            )
+            return [bytes(r[0]) for r in cur]
+
+    def contribution_site(self, contribution_id: str) -> str | None:
+        """The site a contribution came from."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT site_id FROM contributions WHERE contribution_id = ?", (contribution_id,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
     def certificates(self) -> list[bytes]:
         """Every certificate as published, oldest first."""
         with self._lock:

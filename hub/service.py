@@ -16,7 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from contract import signing
-from contract.payloads import Contribution, EncoderInfo, ErrorReport, HubStatus, ModelManifest, new_id, now
+from contract.payloads import (
+    Contribution,
+    EncoderInfo,
+    ErrorReport,
+    HubStatus,
+    ModelManifest,
+    UnlearningCertificate,
+    new_id,
+    now,
+)
 from contract.topics import Topics
 from hub.config import HubSettings
 from hub.delivery import clear_messages, model_messages
@@ -363,39 +372,52 @@ class HubService:
         self._progress_idle()
         self.metrics.rounds.labels("done").inc()
         self.metrics.model_version.set(version.version)
-        self.deliver(version)
-        self.metrics.round_seconds.observe(time.perf_counter() - started)
-        certificates = self.unlearning.certify(
-            version.version, version.sha256, before.version if before else None, ids, contributions, exact
-        )
-        for cert, body in certificates:
-            self.bus.publish(self.topics.hub_certificate, body)
-            self.metrics.sent_bytes.labels("certificate").inc(len(body))
+        # Certificates are signed and recorded before the model goes out, so that a delivery cut short
+        # (the broker gone) loses none: they follow the model on the wire, now or when it is republished.
+        v_before = before.version if before else None
+        certified = [
+            c for c, _ in self.unlearning.certify(version.version, version.sha256, v_before, ids, contributions, exact)
+        ]
+        certified += [c for c, _, _ in self.unlearning.certify_automatic(
+            version.version, version.sha256, v_before, ids, contributions, exact)]  # fmt: skip
+        for cert in certified:
             self.metrics.certificates.labels(cert.reason).inc()
             if cert.requested_at is not None:
                 self.metrics.forget_to_certificate.observe((cert.issued_at - cert.requested_at).total_seconds())
             if exact is not None:
                 self.metrics.unlearning_seconds.observe(cert.verification.get("unlearning_seconds", 0.0))
-        for cert, body, row in self.unlearning.certify_automatic(
-            version.version, version.sha256, before.version if before else None, ids, contributions, exact
-        ):
-            self.bus.publish(self.topics.hub_certificate, body)
-            self.metrics.sent_bytes.labels("certificate").inc(len(body))
-            self.metrics.certificates.labels(cert.reason).inc()
-            self._tell_unlearned(row, cert.certificate_id, version.version)
         self.framu.after_round(version.version, weights, attention, contributions, trigger or "")
+        self.deliver(version)
+        self.metrics.round_seconds.observe(time.perf_counter() - started)
+        self._publish_certificates(version.version)
         self._publish_status("online")
         return version
 
-    def _tell_unlearned(self, row: dict, certificate_id: str, version: int) -> None:
+    def _publish_certificates(self, version: int) -> None:
+        """Publish the certificates that name model `version` (after the model); tell FRAMU's sites why."""
+        for body in self.ledger.certificates_for(version):
+            self.bus.publish(self.topics.hub_certificate, body)
+            self.metrics.sent_bytes.labels("certificate").inc(len(body))
+            cert = UnlearningCertificate.model_validate_json(body)
+            if cert.reason in ("outdated", "irrelevant"):
+                self._tell_unlearned(cert)
+
+    def _tell_unlearned(self, cert: UnlearningCertificate) -> None:
         """Tell a site, on its errors topic, that FRAMU unlearned its contribution, why, and with which figures."""
-        site, cid = row["site_id"], row["contribution_id"]
-        f = row["figures"]
-        figures = ", ".join(f"{k} {v:.3g}" for k, v in sorted(f.items()))
+        cid = cert.removed_contributions[0]
+        site = self.ledger.contribution_site(cid)
+        if site is None:
+            return
+        figures = ", ".join(
+            f"{k.removeprefix('framu_')} {v:.3g}"
+            for k, v in sorted(cert.verification.items())
+            if k.startswith("framu_")
+        )
         reason = (
-            f"FRAMU unlearned contribution {cid} as {row['reason']}: its attention stayed below the threshold "
-            f"({figures}); model v{version} no longer carries it (certificate {certificate_id}). Data that changed "
-            "makes a new contribution, which is weighed afresh; an operator can pin a site (`fedge-hub framu pin`)."
+            f"FRAMU unlearned contribution {cid} as {cert.reason}: its attention stayed below the threshold "
+            f"({figures}); model v{cert.model_version_after} no longer carries it (certificate "
+            f"{cert.certificate_id}). Data that changed makes a new contribution, which is weighed afresh; an "
+            "operator can pin a site (`fedge-hub framu pin`)."
         )
         sha, size = self.ledger.contribution_payload_info(cid) or ("0" * 64, 0)
         report = ErrorReport(
@@ -511,6 +533,7 @@ class HubService:
                     if latest is not None:
                         try:
                             self.deliver(latest)
+                            self._publish_certificates(latest.version)
                         except NotConnected as err:
                             log.warning("could not republish model v%d: %s", latest.version, err)
                             self._republish.set()
