@@ -95,8 +95,8 @@ class FramuConfig:
     seed: int = 0
     bias: float = 3.0  # logit of a contribution with nothing against it (sigmoid(3) = 0.95)
     prior: tuple[tuple[str, float], ...] = tuple(PRIOR.items())  # theta_0, by feature name
-    learning_rate: float = 2.0  # alpha: actor step on theta
-    offset_learning_rate: float = 2.0  # alpha_u: actor step on each contribution's own attention offset
+    learning_rate: float = 0.5  # alpha: actor step on theta
+    offset_learning_rate: float = 0.5  # alpha_u: actor step on each contribution's own attention offset
     value_learning_rate: float = 0.3  # beta: critic (value baseline) step
     exploration: float = 0.5  # sigma: exploration noise in logit space
     max_noise: float = 2.0  # |eps| is clipped here: an explored logit is within sigma * max_noise of the noise-free one
