@@ -178,7 +178,7 @@ def test_round_start_command_runs_a_round_below_the_site_minimum(
                             capture_output=True, text=True)  # fmt: skip
     assert status.returncode == 0, status.stderr
     view = json.loads(status.stdout)
-    assert view["contributions"] == {"active": 1, "superseded": 0}
+    assert view["contributions"] == {"active": 1, "superseded": 0, "unlearned": 0}
     assert [(r["trigger"], r["state"], r["model_version"]) for r in view["rounds"]] == [("manual", "done", 1)]
     # Asking again with nothing new ships no second, identical model.
     again = subprocess.run([sys.executable, "-m", "hub.cli", "round", "start", "--config", str(conf)],
