@@ -106,6 +106,7 @@ class FramuConfig:
     max_theta: float = 20.0  # |theta_i| bound
     max_unlearn_share: float = 1 / 3  # never exclude more than floor(this * sites) sites
     reward_aggregate: Literal["median", "mean", "trimmed"] = "trimmed"
+    consensus: Literal["median", "mean"] = "mean"  # the other sites' class means (hub.framu.features)
     learn: bool = True  # False: the fixed attention policy (features alone, no exploration, no updates)
 
     def __post_init__(self) -> None:
@@ -120,6 +121,8 @@ class FramuConfig:
             raise ValueError(f"prior names unknown features {unknown}; known: {list(FEATURE_NAMES)}")
         if not 0.0 <= self.max_unlearn_share < 1.0:
             raise ValueError(f"max_unlearn_share must be in [0, 1), got {self.max_unlearn_share}")
+        if self.consensus not in ("median", "mean"):
+            raise ValueError(f"consensus must be 'median' or 'mean', got {self.consensus!r}")
         if self.reward_aggregate not in ("median", "mean", "trimmed"):
             raise ValueError(f"reward_aggregate must be 'median', 'mean' or 'trimmed', got {self.reward_aggregate!r}")
 
@@ -205,7 +208,7 @@ class Framu:
         self, contributions: list[Contribution], evaluations: list[SiteEvaluation], now: datetime
     ) -> dict[str, float]:
         """Noise-free attention weight in [0, 1] per contribution id; reads the state, changes nothing."""
-        zs = centred(features(contributions, evaluations, now))
+        zs = centred(features(contributions, evaluations, now, self.config.consensus))
         return {cid: _sigmoid(self._logit(cid, z)) for cid, z in zs.items()}
 
     def weights(
@@ -233,7 +236,7 @@ class Framu:
                 proposal: nothing is pending and reward() will return None for it.
         """
         cfg = self.config
-        feats = features(contributions, evaluations, now)
+        feats = features(contributions, evaluations, now, self.config.consensus)
         zs = centred(feats)
         ids = sorted(feats)
         # Offsets of contributions no longer active are dropped: ids are never reused.

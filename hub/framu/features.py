@@ -75,13 +75,29 @@ def _unit_prototypes(c: Contribution) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return np.concatenate(vecs), np.array(names), np.array(counts, np.float64)
 
 
-def _class_means(protos: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Count-weighted unit class means of the given prototypes."""
-    acc: dict[str, np.ndarray] = {}
+def _class_means(protos: list[tuple[np.ndarray, np.ndarray, np.ndarray]], consensus: str) -> dict[str, np.ndarray]:
+    """Unit class means of the other sites' prototypes.
+
+    "mean": the count-weighted mean of every prototype of the label (a big site weighs more).
+    "median": one site, one vote: each site's own count-weighted unit class mean, then their
+    coordinate-wise median (robust to a minority of sites, however many samples they hold).
+    """
+    if consensus == "mean":
+        acc: dict[str, np.ndarray] = {}
+        for vecs, names, counts in protos:
+            for v, n, k in zip(vecs, names, counts, strict=True):
+                acc[n] = acc.get(n, 0.0) + k * v
+        return {n: s / max(float(np.linalg.norm(s)), 1e-12) for n, s in acc.items()}
+    per_site: dict[str, list[np.ndarray]] = {}
     for vecs, names, counts in protos:
-        for v, n, k in zip(vecs, names, counts, strict=True):
-            acc[n] = acc.get(n, 0.0) + k * v
-    return {n: s / max(float(np.linalg.norm(s)), 1e-12) for n, s in acc.items()}
+        for n in sorted(set(names.tolist())):
+            m = (counts[names == n, None] * vecs[names == n]).sum(axis=0)
+            per_site.setdefault(n, []).append(m / max(float(np.linalg.norm(m)), 1e-12))
+    out = {}
+    for n, ms in per_site.items():
+        med = np.median(np.stack(ms), axis=0)
+        out[n] = med / max(float(np.linalg.norm(med)), 1e-12)
+    return out
 
 
 def _agreement(mine: tuple[np.ndarray, np.ndarray, np.ndarray], means: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -117,7 +133,10 @@ def _latest_accuracy(evaluations: Sequence[SiteEvaluation]) -> dict[str, float]:
 
 
 def features(
-    contributions: Sequence[Contribution], evaluations: Sequence[SiteEvaluation], now: datetime
+    contributions: Sequence[Contribution],
+    evaluations: Sequence[SiteEvaluation],
+    now: datetime,
+    consensus: str = "mean",
 ) -> dict[str, np.ndarray]:
     """One vector (len(FEATURE_NAMES), float64, in FEATURE_NAMES order) per contribution id.
 
@@ -126,6 +145,9 @@ def features(
             the leave-one-out consensus then leaves out the whole site).
         evaluations: the sites' reports; each site's newest model version counts.
         now: the time the features are taken at (aware datetime).
+        consensus: how the other sites' class means are formed for `agreement` and `margin`:
+            "median" (one site, one vote) or "mean" (the default)
+            (count-weighted over all their prototypes).
     """
     # Id order everywhere: the consensus sums, and so the features' last bits, do not depend on input order.
     contributions = sorted(contributions, key=lambda c: c.contribution_id)
@@ -150,7 +172,7 @@ def features(
         ]
         mine = protos[c.contribution_id]
         if len(mine[0]) and others and {p[0].shape[1] for p in others} == {mine[0].shape[1]}:
-            agreement, margin = _agreement(mine, _class_means(others))
+            agreement, margin = _agreement(mine, _class_means(others, consensus))
         else:
             agreement, margin = 1.0, 0.0
         if c.site_id in acc:

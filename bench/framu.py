@@ -1,0 +1,688 @@
+"""bench/framu: FRAMU's attention weights and automatic unlearning against uniform weighting and an oracle.
+
+Six sites on the bundled digits data (private part spread by Dirichlet(alpha)); each keeps a local
+held-out part (20 %) that it evaluates every model on: the federated evaluation FRAMU's reward comes
+from (bad sites evaluate on their own bad holdout, as a real site would). Scenarios:
+
+  a-flipped   two sites whose labels are permuted (a per-site derangement of the ten labels)
+  b-stale     two sites whose data comes from an older distribution: their images are rotated by
+              180 degrees (an upside-down camera on the old line) before the edge's ONNX encoder embeds them, and their contributions are
+              60-120 days old; the test set and the other sites are current
+  c-both      one flipped site and one stale site
+  d-none      no bad site
+In every scenario one clean site (never a bad one) also carries a 60-120 day old contribution: old
+but valid, so age alone cannot tell bad data from good.
+
+Methods, all with the hub's closed-form head (hub/learning: per-contribution statistics of the
+synthesized contributions, summed with weights in id order, solved):
+  uniform     every contribution, weight 1 (today's hub)
+  framu       T rounds as the service runs them: weights (with exploration) -> weighted fit -> every
+              site evaluates the model on its holdout -> reward (TD update) -> decisions
+              (threshold/patience) -> decided contributions dropped through the exact path; the
+              final model uses the noise-free weights of what is left
+  framu-norl  the same rounds with learning off: the initial attention policy on the features alone
+  oracle      exactly the bad contributions dropped, the rest weight 1
+Reports test accuracy and balanced accuracy (mean ± std over seeds), the share of the uniform ->
+oracle gap FRAMU recovers, which contributions were unlearned per seed (and false positives).
+Writes bench/results/framu.json, framu.md, framu.png.
+
+    python -m bench.framu              # digits, seeds 0-9
+    python -m bench.framu --quick      # digits, seed 0, fewer rounds: about two minutes
+    python -m bench.framu --select     # choose FRAMU's hyper-parameters on validation data
+
+`--select` never reads the test split: sites are simulated on 70 % of the public split and models
+scored on the other 30 %, with validation seeds disjoint from the test seeds; it writes
+bench/results/framu-select.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score
+
+import bundled
+from bench.fgl import RESULTS, SYNTHESIS
+from bench.unlearning import Setting as UnlearningSetting
+from bench.unlearning import World, contribution_id, derive, load_world, mean_std
+from contract.payloads import Contribution
+from edge.encoder import OnnxEncoder
+from hub import datasets
+from hub.framu import Decision, Framu, FramuConfig, SiteEvaluation, config_dict
+from hub.framu.agent import RECOMMENDED
+from hub.learning.closed_form import ClosedFormHead, ContributionStats, solve, sum_stats
+from hub.learning.exact import ExactConfig, ExactTrainer
+from hub.synthesis import SynthesisConfig, Synthesizer
+
+SCENARIOS = ("a-flipped", "b-stale", "c-both", "d-none")
+METHODS = ("uniform", "framu", "framu-norl", "oracle")
+T0 = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What one run covers; every seed, id and timestamp derives from `seeds`."""
+
+    datasets: tuple[str, ...] = ("digits",)
+    seeds: tuple[int, ...] = tuple(range(10))
+    select_seeds: tuple[int, ...] = tuple(range(1000, 1009))  # validation only, disjoint from the test seeds
+    sites: int = 6
+    alpha: float = 1.0
+    holdout_frac: float = 0.2
+    k: int = 16
+    min_group_size: int = 5
+    flipped: int = 2  # bad sites in a-flipped
+    stale: int = 2  # bad sites in b-stale
+    both: tuple[int, int] = (1, 1)  # (flipped, stale) in c-both
+    stale_transform: str = "rot180"
+    decoy_old_site: bool = True
+    fresh_days: tuple[float, float] = (0.0, 7.0)
+    old_days: tuple[float, float] = (60.0, 120.0)
+    rounds: int = 20
+    round_interval_s: float = 3600.0
+    framu: dict = field(default_factory=lambda: config_dict(RECOMMENDED))
+
+
+QUICK = Setting(seeds=(0,), rounds=12)
+
+
+def transform(images: np.ndarray, how: str) -> np.ndarray:
+    """The older distribution a stale site's images come from."""
+    if how == "rot90":
+        return np.ascontiguousarray(np.rot90(images, k=1, axes=(-2, -1)))
+    if how == "rot180":
+        return np.ascontiguousarray(np.rot90(images, k=2, axes=(-2, -1)))
+    if how == "invert":
+        return (1.0 - images).astype(np.float32)
+    raise ValueError(f"unknown transform {how!r}")
+
+
+@dataclass
+class SiteData:
+    """One site: its name, the variants of its upload and of its held-out part."""
+
+    name: str
+    contribs: dict[str, Contribution]  # variant -> contribution ("clean", "flipped", "stale")
+    hold_feats: dict[str, np.ndarray]  # variant -> random features of the holdout as the site sees it
+    hold_labels: dict[str, np.ndarray]  # variant -> label names of the holdout as the site has them
+    n_train: int
+
+
+@dataclass
+class Case:
+    """One seed's sites, statistics and evaluation data, shared by every scenario and method."""
+
+    seed: int
+    sites: list[SiteData]
+    roles: dict[str, list[int]]  # "flipped", "stale", "decoy" -> site indices
+    stats: dict[str, ContributionStats]
+    test_feats: np.ndarray
+    test_labels: np.ndarray
+    trainer: ExactTrainer
+    synth_s: float
+
+
+def derangement(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A random permutation of range(n) with no fixed point."""
+    while True:
+        p = rng.permutation(n)
+        if not (p == np.arange(n)).any():
+            return p
+
+
+def build_case(
+    w: World, st: Setting, seed: int, pool: np.ndarray, evaluation: np.ndarray, cache: Path, log: Callable
+) -> Case:
+    """Sites, their clean and bad variants (synthesized, statistics cached), and the evaluation features."""
+    parts = datasets.dirichlet_sites(w.data.labels, pool, st.sites, st.alpha, seed=derive(seed, "framu-sites"))
+    rng = np.random.default_rng(derive(seed, "framu-roles"))
+    order = rng.permutation(st.sites)
+    n_bad = max(st.flipped, st.both[0]) + max(st.stale, st.both[1])
+    roles = {
+        "flipped": sorted(order[: max(st.flipped, st.both[0])].tolist()),
+        "stale": sorted(order[max(st.flipped, st.both[0]) : n_bad].tolist()),
+        "decoy": [int(order[n_bad])] if st.decoy_old_site else [],
+    }
+    synth_cfg = replace(SYNTHESIS.get(w.name, SynthesisConfig()), seed=derive(seed, "framu-synthesis") % 2**31)
+    synthesizer = Synthesizer(w.fm, synth_cfg, cache / "synthesis", progress=False)
+    trainer = ExactTrainer(
+        synthesizer,
+        bundled.path(w.name) / "encoder.onnx",
+        replace(ExactConfig(), seed=derive(seed, "framu-rff") % 2**31),
+        cache / "stats",
+    )
+    encoder = OnnxEncoder(bundled.path(w.name) / "encoder.onnx", prefer_cuda=False, threads=1)
+    names = np.array(w.data.label_names)
+    ust = UnlearningSetting(k=st.k, min_group_size=st.min_group_size)
+    sites, t = [], time.perf_counter()
+    for s, idx in enumerate(parts):
+        srng = np.random.default_rng(derive(seed, "framu-site", s))
+        perm = srng.permutation(idx)
+        n_hold = max(1, int(round(st.holdout_frac * len(idx))))
+        hold, train = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+        variants = (
+            ["clean"] + (["flipped"] if s in roles["flipped"] else []) + (["stale"] if s in roles["stale"] else [])
+        )
+        old = s in roles["decoy"]
+        contribs, hf, hl = {}, {}, {}
+        for v in variants:
+            x_tr, x_ho = w.data.images[train], w.data.images[hold]
+            y_tr, y_ho = names[w.data.labels[train]], names[w.data.labels[hold]]
+            if v == "flipped":
+                p = derangement(np.random.default_rng(derive(seed, "framu-flip", s)), len(names))
+                y_tr, y_ho = names[p[w.data.labels[train]]], names[p[w.data.labels[hold]]]
+            if v == "stale":
+                x_tr, x_ho = transform(x_tr, st.stale_transform), transform(x_ho, st.stale_transform)
+            emb = encoder.encode(x_tr) if v == "stale" else w.emb[train]
+            # The edge's own upload path (k-means prototypes with counts) over the edge's embeddings.
+            c = _contribution(
+                w,
+                emb,
+                y_tr,
+                f"site{s}",
+                contribution_id(seed, "framu", s, v, st.stale_transform if v == "stale" else ""),
+                ust,
+                seed,
+            )
+            days = st.old_days if (v == "stale" or old) else st.fresh_days
+            age = np.random.default_rng(derive(seed, "framu-age", s, v)).uniform(*days)
+            contribs[v] = c.model_copy(update={"created_at": T0 - timedelta(days=float(age))})
+            hf[v] = trainer.extractor.features(x_ho)
+            hl[v] = y_ho
+        sites.append(SiteData(f"site{s}", contribs, hf, hl, len(train)))
+    stats = {}
+    for site in sites:
+        for c in site.contribs.values():
+            stats[c.contribution_id] = trainer.stats(c)
+    synth_s = time.perf_counter() - t
+    log(f"[{w.name} seed {seed}] {sum(len(x.contribs) for x in sites)} contributions synthesized + statistics in {synth_s:.1f} s; roles {roles}")  # fmt: skip
+    return Case(seed, sites, roles, stats, trainer.extractor.features(w.data.images[evaluation]),
+                names[w.data.labels[evaluation]], trainer, synth_s)  # fmt: skip
+
+
+def _contribution(
+    w: World, emb: np.ndarray, labels: np.ndarray, site: str, cid: str, ust: UnlearningSetting, seed: int
+) -> Contribution:
+    from edge.contribution import make_contribution
+
+    c = make_contribution(site, w.fm.encoder_id, emb, labels, k=ust.k, min_group_size=ust.min_group_size, seed=seed)
+    return c.model_copy(update={"contribution_id": cid})
+
+
+def scenario_variants(case: Case, scenario: str, st: Setting) -> dict[int, str]:
+    """Which variant each site uploads in a scenario."""
+    out = {s: "clean" for s in range(len(case.sites))}
+    if scenario == "a-flipped":
+        out.update({s: "flipped" for s in case.roles["flipped"][: st.flipped]})
+    elif scenario == "b-stale":
+        out.update({s: "stale" for s in case.roles["stale"][: st.stale]})
+    elif scenario == "c-both":
+        out.update({s: "flipped" for s in case.roles["flipped"][: st.both[0]]})
+        out.update({s: "stale" for s in case.roles["stale"][: st.both[1]]})
+    return out
+
+
+def fit(case: Case, contribs: list[Contribution], weights: dict[str, float] | None) -> ClosedFormHead:
+    """The hub's closed-form head for these contributions and weights (sum in id order, solve)."""
+    cfg = case.trainer.config
+    total = sum_stats([case.stats[c.contribution_id] for c in contribs], weights)
+    return solve(total, variant=cfg.variant, lam=cfg.lam)  # type: ignore[arg-type]
+
+
+def predict(head: ClosedFormHead, feats: np.ndarray) -> np.ndarray:
+    """Predicted label names."""
+    return np.array(head.label_names)[head.predict(feats)]
+
+
+def scores(head: ClosedFormHead, case: Case) -> tuple[float, float]:
+    """Test (or validation) accuracy and balanced accuracy."""
+    pred = predict(head, case.test_feats)
+    return float((pred == case.test_labels).mean()), float(balanced_accuracy_score(case.test_labels, pred))
+
+
+def evaluations(head: ClosedFormHead, case: Case, variants: dict[int, str], version: int) -> list[SiteEvaluation]:
+    """Every site's report: accuracy of the model on its own holdout (bad sites on their bad holdout)."""
+    out = []
+    for s, site in enumerate(case.sites):
+        v = variants[s]
+        acc = float((predict(head, site.hold_feats[v]) == site.hold_labels[v]).mean())
+        out.append(SiteEvaluation(site.name, version, acc, len(site.hold_labels[v])))
+    return out
+
+
+def run_framu(case: Case, variants: dict[int, str], cfg: FramuConfig, st: Setting) -> dict:
+    """FRAMU over `st.rounds` rounds as the service runs it (mode auto); the final model and what was unlearned."""
+    agent = Framu(cfg)
+    active = sorted((case.sites[s].contribs[v] for s, v in variants.items()), key=lambda c: c.contribution_id)
+    evals: list[SiteEvaluation] = []
+    decided: list[tuple[int, Decision]] = []
+    trace = []
+    for t in range(st.rounds):
+        now = T0 + timedelta(seconds=t * st.round_interval_s)
+        w = agent.weights(active, evals, now, round_key=f"round-{t}")
+        head = fit(case, active, w)
+        evals = evaluations(head, case, variants, version=t + 1)
+        td = agent.reward(t + 1, evals)
+        att = agent.state()["attention"]
+        trace.append({"round": t, "reward": agent.state()["last"].get("reward"), "td_error": td,
+                      "attention": {c.site_id: att[c.contribution_id] for c in active}})  # fmt: skip
+        for d in agent.decide(w, active, now):
+            decided.append((t, d))
+            active = [c for c in active if c.contribution_id != d.contribution_id]  # the exact path: dropped
+    now = T0 + timedelta(seconds=st.rounds * st.round_interval_s)
+    final_w = agent.weights(active, evals, now, round_key="final", explore=False)
+    head = fit(case, active, final_w)
+    acc, bal = scores(head, case)
+    bad = {case.sites[s].name for s, v in variants.items() if v != "clean"}
+    unlearned = [{"site": d.site_id, "round": t, "reason": d.reason, "bad": d.site_id in bad,
+                  "weight": d.figures["weight"]} for t, d in decided]  # fmt: skip
+    return {
+        "acc": acc,
+        "bal_acc": bal,
+        "unlearned": unlearned,
+        "false_positives": sum(1 for u in unlearned if not u["bad"]),
+        "missed": len(bad - {u["site"] for u in unlearned}),
+        "final_weights": {c.site_id: final_w[c.contribution_id] for c in active},
+        "trace": trace,
+        "theta": agent.state()["theta"],
+    }
+
+
+def run_case(case: Case, st: Setting, cfg: FramuConfig, dataset: str, log: Callable | None = None) -> list[dict]:
+    """Every scenario and method for one seed."""
+    rows = []
+    for scenario in SCENARIOS:
+        variants = scenario_variants(case, scenario, st)
+        contribs = [case.sites[s].contribs[v] for s, v in variants.items()]
+        bad = [s for s, v in variants.items() if v != "clean"]
+        n_bad = sum(case.sites[s].n_train for s in bad)
+        row: dict = {"dataset": dataset, "seed": case.seed, "scenario": scenario,
+                     "bad_sites": [case.sites[s].name for s in bad],
+                     "bad_share": n_bad / sum(x.n_train for x in case.sites),
+                     "old_sites": [case.sites[s].name for s in case.roles["decoy"]] + [case.sites[s].name for s in bad if variants[s] == "stale"]}  # fmt: skip
+        row["acc_uniform"], row["bal_acc_uniform"] = scores(fit(case, contribs, None), case)
+        good = [case.sites[s].contribs["clean"] for s, v in variants.items() if v == "clean"]
+        row["acc_oracle"], row["bal_acc_oracle"] = scores(fit(case, good, None), case)
+        for name, c in (("framu", cfg), ("framu-norl", replace(cfg, learn=False))):
+            r = run_framu(case, variants, c, st)
+            row[f"acc_{name}"], row[f"bal_acc_{name}"] = r["acc"], r["bal_acc"]
+            for k in ("unlearned", "false_positives", "missed", "final_weights", "theta"):
+                row[f"{k}_{name}"] = r[k]
+            row[f"trace_{name}"] = r["trace"]
+        rows.append(row)
+        if log:
+            log(f"[{dataset} seed {case.seed} {scenario}] bad {row['bad_sites']} ({row['bad_share']:.0%}): "
+                f"uniform {row['acc_uniform']:.4f} framu {row['acc_framu']:.4f} norl {row['acc_framu-norl']:.4f} "
+                f"oracle {row['acc_oracle']:.4f}; unlearned framu {[u['site'] for u in row['unlearned_framu']]} "
+                f"norl {[u['site'] for u in row['unlearned_framu-norl']]}")  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- select
+
+
+FEATURE_GRID = {"consensus": ("mean", "median"), "agreement": (6.0, 9.0, 12.0), "eval_gap": (3.0, 6.0)}
+RL_GRID = {"exploration": (0.5, 1.0), "lr": (0.5, 2.0), "reward_aggregate": ("median", "trimmed", "mean")}
+
+
+def grid(axes: dict[str, tuple]) -> list[dict]:
+    """Every combination of the axes' values."""
+    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+
+
+def candidate(base: FramuConfig, g: dict) -> FramuConfig:
+    """The FramuConfig of one grid point (features stage: consensus and prior terms; RL stage: the rest)."""
+    cfg = base
+    if "consensus" in g:
+        prior = dict(base.prior) | {"agreement": g["agreement"], "eval_gap": g["eval_gap"]}
+        cfg = replace(cfg, consensus=g["consensus"], prior=tuple(prior.items()))
+    if "exploration" in g:
+        cfg = replace(cfg, exploration=g["exploration"], learning_rate=g["lr"], offset_learning_rate=g["lr"],
+                      reward_aggregate=g["reward_aggregate"])  # fmt: skip
+    return cfg
+
+
+def validation_case(w: World, st: Setting, seed: int, cache: Path, log: Callable) -> Case:
+    """Sites on 70 % of the public split, scored on the other 30 %: the test split is never read."""
+    rng = np.random.default_rng(derive(seed, "framu-select"))
+    pub = rng.permutation(w.split.public)
+    cut = int(0.7 * len(pub))
+    return build_case(w, st, seed, np.sort(pub[:cut]), np.sort(pub[cut:]), cache, log)
+
+
+def score(cases: list[Case], st: Setting, cfg: FramuConfig, g: dict, stage: str) -> list[dict]:
+    """Validation rows of one candidate over every case and scenario."""
+    rows = []
+    for case in cases:
+        for scenario in SCENARIOS:
+            variants = scenario_variants(case, scenario, st)
+            good = [case.sites[s].contribs["clean"] for s, v in variants.items() if v == "clean"]
+            allc = [case.sites[s].contribs[v] for s, v in variants.items()]
+            r = run_framu(case, variants, cfg, st)
+            rows.append({"stage": stage, "seed": case.seed, "scenario": scenario, **g, "val_acc": r["acc"],
+                         "val_acc_uniform": scores(fit(case, allc, None), case)[0],
+                         "val_acc_oracle": scores(fit(case, good, None), case)[0],
+                         "false_positives": r["false_positives"], "missed": r["missed"]})  # fmt: skip
+    return rows
+
+
+def select(w: World, st: Setting, cache: Path, log: Callable) -> dict:
+    """Two stages on validation data, each ranked by `select_summary`.
+
+    1. features: the consensus and the prior's agreement and eval_gap terms, with learning off (the
+       attention the features alone give: what the prior is for);
+    2. reinforcement: exploration, learning rates and the reward aggregate, at stage 1's winner;
+    then the exclusion cap (1/3 against 1/2 of the sites) at the final candidate.
+    """
+    base = FramuConfig(**{**st.framu, "prior": tuple(st.framu["prior"].items())})
+    cases = [validation_case(w, st, seed, cache, log) for seed in st.select_seeds]
+    rows1 = []
+    for g in grid(FEATURE_GRID):
+        rows1 += score(cases, st, replace(candidate(base, g), learn=False), g, "features")
+    log(f"[select {w.name}] stage 1: {len(grid(FEATURE_GRID))} feature candidates scored")
+    rank1 = select_summary(rows1, tuple(FEATURE_GRID))
+    best1 = {k: rank1[0][k] for k in FEATURE_GRID}
+    rows2 = []
+    for g in grid(RL_GRID):
+        rows2 += score(cases, st, candidate(candidate(base, best1), g), {**best1, **g}, "reinforcement")
+    log(f"[select {w.name}] stage 2: {len(grid(RL_GRID))} RL candidates scored")
+    rank2 = select_summary(rows2, tuple(FEATURE_GRID) + tuple(RL_GRID))
+    best2 = {k: rank2[0][k] for k in RL_GRID}
+    final = candidate(candidate(base, best1), best2)
+    caps = []
+    for cap in (1 / 3, 0.5):
+        caps += score(cases, st, replace(final, max_unlearn_share=cap), {"max_unlearn_share": cap}, "cap")
+    rank3 = select_summary(caps, ("max_unlearn_share",))
+    return {"features": rank1, "reinforcement": rank2, "cap": rank3, "chosen": {**best1, **best2},
+            "rows": rows1 + rows2 + caps}  # fmt: skip
+
+
+def select_summary(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Per candidate: mean validation accuracy over seeds and scenarios, false positives and misses; best first.
+
+    Rank: fewest false positives first (an unlearned good contribution is the costly error), then
+    the highest mean validation accuracy (to 4 decimals: closer is a tie), then, among ties, the
+    safer setting: the robust reward (trimmed, then median, then mean), less exploration, smaller
+    learning steps, the robust consensus.
+    """
+    out = []
+    for combo in sorted({tuple(r[k] for k in keys) for r in rows}, key=str):
+        grp = [r for r in rows if tuple(r[k] for k in keys) == combo]
+        per_sc = {sc: float(np.mean([r["val_acc"] for r in grp if r["scenario"] == sc])) for sc in SCENARIOS}
+        out.append({**dict(zip(keys, combo, strict=True)),
+                    "val_acc": float(np.mean([r["val_acc"] for r in grp])),
+                    **{f"val_acc_{sc}": a for sc, a in per_sc.items()},
+                    "val_acc_uniform": float(np.mean([r["val_acc_uniform"] for r in grp])),
+                    "val_acc_oracle": float(np.mean([r["val_acc_oracle"] for r in grp])),
+                    "false_positives": int(sum(r["false_positives"] for r in grp)),
+                    "missed": int(sum(r["missed"] for r in grp))})  # fmt: skip
+    safety = {"trimmed": 0, "median": 1, "mean": 2}
+
+    def key(r: dict) -> tuple:
+        return (r["false_positives"], -round(r["val_acc"], 4), safety.get(r.get("reward_aggregate", ""), 0),
+                r.get("exploration", 0.0), r.get("lr", 0.0), 0 if r.get("consensus") == "median" else 1)  # fmt: skip
+
+    return sorted(out, key=key)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and spread over seeds per (dataset, scenario), the recovered share of the gap and the decisions."""
+    out = []
+    for ds, sc in sorted({(r["dataset"], r["scenario"]) for r in rows}, key=lambda k: (k[0], SCENARIOS.index(k[1]))):
+        grp = [r for r in rows if (r["dataset"], r["scenario"]) == (ds, sc)]
+        s: dict = {"dataset": ds, "scenario": sc, "seeds": len(grp)}
+        s["bad_share"], s["bad_share_std"] = mean_std([r["bad_share"] for r in grp])
+        for m in METHODS:
+            for k in ("acc", "bal_acc"):
+                s[f"{k}_{m}"], s[f"{k}_{m}_std"] = mean_std([r[f"{k}_{m}"] for r in grp])
+        gap = s["acc_oracle"] - s["acc_uniform"]
+        for m in ("framu", "framu-norl"):
+            s[f"recovered_{m}"] = (s[f"acc_{m}"] - s["acc_uniform"]) / gap if gap > 0 else None
+            s[f"unlearned_bad_{m}"] = int(sum(len(r[f"unlearned_{m}"]) - r[f"false_positives_{m}"] for r in grp))
+            s[f"false_positives_{m}"] = int(sum(r[f"false_positives_{m}"] for r in grp))
+            s[f"missed_{m}"] = int(sum(r[f"missed_{m}"] for r in grp))
+            s[f"seeds_with_unlearning_{m}"] = int(sum(1 for r in grp if r[f"unlearned_{m}"]))
+        s["bad_contributions"] = int(sum(len(r["bad_sites"]) for r in grp))
+        out.append(s)
+    return out
+
+
+def pm(s: dict, key: str, digits: int = 3) -> str:
+    """`mean ± std` of a summary field."""
+    return f"{s[key]:.{digits}f} ± {s[key + '_std']:.{digits}f}"
+
+
+def verdict(s: dict, a: str, b: str) -> str:
+    """'tie' where the spreads (mean ± std) overlap, else which is higher."""
+    if s["seeds"] < 2:
+        return "one seed"
+    lo_a, hi_a = s[a] - s[a + "_std"], s[a] + s[a + "_std"]
+    lo_b, hi_b = s[b] - s[b + "_std"], s[b] + s[b + "_std"]
+    if hi_a >= lo_b and hi_b >= lo_a:
+        return "tie"
+    return "higher" if s[a] > s[b] else "lower"
+
+
+def targets(s: dict) -> str:
+    """The issue's acceptance targets for one summary row, met or not."""
+    if s["scenario"] == "d-none":
+        ok = s["seeds_with_unlearning_framu"] == 0 and abs(s["acc_framu"] - s["acc_uniform"]) <= 0.01
+        return f"{'met' if ok else 'NOT met'} (no unlearning in any seed, within 1 point of uniform)"
+    rec = s["recovered_framu"]
+    ok = rec is not None and rec >= 0.8 and s["acc_oracle"] - s["acc_framu"] <= 0.02
+    return f"{'met' if ok else 'NOT met'} (>= 80 % of the gap and within 2 points of the oracle)"
+
+
+def markdown(summary: list[dict], rows: list[dict], meta: dict) -> str:
+    """The results as Markdown."""
+    st = meta["setting"]
+    fr = st["framu"]
+    lines = [
+        "# bench/framu results",
+        "",
+        f"Machine: {meta['machine']}. Command: `{meta['command']}`"
+        + (
+            f", {meta['wall_s']:.0f} s."
+            if meta.get("wall_s")
+            else " (wall time in the .timings.json next to this file)."
+        ),
+        f"Setting: {st['sites']} sites on {', '.join(st['datasets'])} (Dirichlet {st['alpha']}), each keeping "
+        f"{st['holdout_frac']:.0%} of its samples as the held-out part it evaluates models on; k={st['k']} "
+        f"prototypes per label (groups of >= {st['min_group_size']}); seeds {st['seeds']}; {st['rounds']} FRAMU rounds. "
+        f"Bad sites: flipped = a per-site derangement of the labels (training and holdout); stale = images "
+        f"{st['stale_transform']} before the edge encoder, contributions {st['old_days'][0]:.0f}-{st['old_days'][1]:.0f} days old; "
+        f"one clean site is as old in every scenario. Model: the hub's closed-form head (ridge-balanced, "
+        f"1024 random features), weights = each contribution's share of the synthetic set.",
+        f"FRAMU: threshold {fr['threshold']}, patience {fr['patience']}, outdated after {fr['outdated_after_s'] / 86400:.0f} days, "
+        f"bias {fr['bias']}, prior {fr['prior']}, exploration sigma {fr['exploration']}, learning rates "
+        f"{fr['learning_rate']} (theta) / {fr['offset_learning_rate']} (offsets) / {fr['value_learning_rate']} (value), "
+        f"reward = {fr['reward_aggregate']} of the sites' accuracies (chosen by `--select` on validation data, "
+        "bench/results/framu-select.json).",
+        "",
+        "## Test accuracy (mean ± std over seeds)",
+        "",
+        "| dataset | scenario | bad share of samples | uniform | FRAMU | FRAMU without RL | oracle | gap recovered (FRAMU / without RL) | FRAMU vs oracle | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def rec(x: float | None) -> str:
+        return "n/a (no gap)" if x is None else f"{x:.0%}"
+
+    for s in summary:
+        lines.append(
+            f"| {s['dataset']} | {s['scenario']} | {s['bad_share']:.0%} | {pm(s, 'acc_uniform')} | {pm(s, 'acc_framu')} | "
+            f"{pm(s, 'acc_framu-norl')} | {pm(s, 'acc_oracle')} | {rec(s['recovered_framu'])} / {rec(s['recovered_framu-norl'])} | "
+            f"{s['acc_framu'] - s['acc_oracle']:+.3f} ({verdict(s, 'acc_framu', 'acc_oracle')}) | {targets(s)} |"
+        )
+    lines += [
+        "",
+        "## Balanced accuracy and decisions (summed over seeds)",
+        "",
+        "| dataset | scenario | bal. uniform | bal. FRAMU | bal. without RL | bal. oracle | bad contributions | FRAMU: unlearned bad / false positives / missed | without RL: unlearned bad / false positives / missed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['dataset']} | {s['scenario']} | {pm(s, 'bal_acc_uniform')} | {pm(s, 'bal_acc_framu')} | "
+            f"{pm(s, 'bal_acc_framu-norl')} | {pm(s, 'bal_acc_oracle')} | {s['bad_contributions']} | "
+            f"{s['unlearned_bad_framu']} / {s['false_positives_framu']} / {s['missed_framu']} | "
+            f"{s['unlearned_bad_framu-norl']} / {s['false_positives_framu-norl']} / {s['missed_framu-norl']} |"
+        )
+    lines += [
+        "",
+        "## Unlearned per seed (FRAMU; site, round, reason; * = false positive)",
+        "",
+        "| dataset | seed | scenario | bad sites | FRAMU unlearned | without RL unlearned |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def fmt(us: list[dict]) -> str:
+        return ", ".join(f"{u['site']}{'' if u['bad'] else '*'} (r{u['round']}, {u['reason']})" for u in us) or "none"
+
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['seed']} | {r['scenario']} | {', '.join(r['bad_sites']) or 'none'} | "
+            f"{fmt(r['unlearned_framu'])} | {fmt(r['unlearned_framu-norl'])} |"
+        )
+    lines += [
+        "",
+        "Gap recovered = (FRAMU - uniform) / (oracle - uniform) on the means over seeds. Ties: where the spreads "
+        "(mean ± std) overlap. The federated evaluation is each site's accuracy on its own 20 % holdout; the test "
+        "split is never seen by FRAMU.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], rows: list[dict], path: Path) -> None:
+    """Accuracy per scenario and method; FRAMU's noise-free attention of bad and good sites over rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    x = np.arange(len(summary))
+    for i, m in enumerate(METHODS):
+        axes[0].bar(x + (i - 1.5) * 0.2, [s[f"acc_{m}"] for s in summary], 0.2,
+                    yerr=[s[f"acc_{m}_std"] for s in summary], label=m)  # fmt: skip
+    axes[0].set_xticks(x, [f"{s['dataset']}\n{s['scenario']}" for s in summary])
+    lo = min(s[f"acc_{m}"] for s in summary for m in METHODS)
+    axes[0].set_ylim(max(0.0, lo - 0.1), 1.0)
+    axes[0].set_ylabel("test accuracy")
+    axes[0].set_title("test accuracy, mean ± std over seeds")
+    axes[0].legend(fontsize=8, loc="lower left")
+    for sc, color in zip(SCENARIOS, ("C0", "C1", "C2", "C3"), strict=True):
+        grp = [r for r in rows if r["scenario"] == sc]
+        if not grp:
+            continue
+        n = len(grp[0]["trace_framu"])
+        bad, good = np.full((len(grp), n), np.nan), np.full((len(grp), n), np.nan)
+        for j, r in enumerate(grp):
+            for t, tr in enumerate(r["trace_framu"]):
+                b = [a for s, a in tr["attention"].items() if s in r["bad_sites"]]
+                g = [a for s, a in tr["attention"].items() if s not in r["bad_sites"]]
+                bad[j, t] = np.mean(b) if b else np.nan
+                good[j, t] = np.mean(g) if g else np.nan
+
+        def mean_over_seeds(a: np.ndarray) -> np.ndarray:
+            n_ok = (~np.isnan(a)).sum(0)
+            return np.where(n_ok > 0, np.nansum(a, 0) / np.maximum(n_ok, 1), np.nan)
+
+        axes[1].plot(mean_over_seeds(good), color=color, label=f"{sc}: good sites")
+        if not np.isnan(bad).all():
+            axes[1].plot(mean_over_seeds(bad), color=color, ls="--", label=f"{sc}: bad sites (while active)")
+    axes[1].set_xlabel("round")
+    axes[1].set_ylabel("noise-free attention weight")
+    axes[1].set_title("FRAMU attention, mean over seeds")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_results(rows: list[dict], meta: dict, out: Path, stem: str) -> None:
+    """JSON, Markdown and plot of the rows so far."""
+    summary = summarize(rows)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(summary, rows, meta) + "\n")
+    plot(summary, rows, out / f"{stem}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench (or the validation selection) and write the results."""
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.framu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="digits, seed 0, 12 rounds")
+    ap.add_argument("--select", action="store_true", help="score FRAMU settings on validation data and exit")
+    ap.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--cache", type=Path, help="synthesis and statistics cache directory (default: a temporary one)")
+    args = ap.parse_args(argv)
+    st = QUICK if args.quick else Setting()
+    if args.seeds:
+        st = replace(st, seeds=tuple(args.seeds))
+    import torch
+
+    torch.set_num_threads(1)  # the bench machine is shared; synthesis is the only torch user
+    start = time.perf_counter()
+    log = lambda s: print(f"{time.perf_counter() - start:7.1f}s {s}", flush=True)  # noqa: E731
+    command = "python -m bench.framu" + " ".join(
+        [""] + (["--quick"] if args.quick else []) + (["--select"] if args.select else [])
+        + (["--seeds", *map(str, args.seeds)] if args.seeds else [])
+    )  # fmt: skip
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread"
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = FramuConfig(**{**st.framu, "prior": tuple(st.framu["prior"].items())})
+    rows: list[dict] = []
+    stem = "framu-quick" if args.quick else "framu"
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = args.cache or Path(tmp)
+        worlds = {name: load_world(name) for name in st.datasets}
+        if args.select:
+            sel = {name: select(worlds[name], st, cache, log) for name in st.datasets}
+            meta = {"command": command, "wall_s": round(time.perf_counter() - start, 1), "machine": machine,
+                    "setting": asdict(st), "feature_grid": FEATURE_GRID, "rl_grid": RL_GRID}  # fmt: skip
+            (args.out / "framu-select.json").write_text(json.dumps({"meta": meta, **sel}, indent=1) + "\n")
+            for name, r in sel.items():
+                print(name, "chosen:", r["chosen"])
+                for stage in ("features", "reinforcement", "cap"):
+                    for x in r[stage][:3]:
+                        print(f"  {stage}:", x)
+            print(f"wrote {args.out / 'framu-select.json'}")
+            return 0
+        for seed in st.seeds:
+            for name in st.datasets:
+                w = worlds[name]
+                case = build_case(w, st, seed, w.split.private, w.split.test, cache, log)
+                rows += run_case(case, st, cfg, name, log)
+                meta = {"command": command, "machine": machine, "setting": asdict(st),
+                        "done": sorted({(r["dataset"], r["seed"]) for r in rows})}  # fmt: skip
+                # Timings go to a separate file so that two runs with one seed write identical results.
+                write_results(rows, {**meta, "wall_s": 0.0}, args.out, stem)
+        wall = time.perf_counter() - start
+        meta = {"command": command, "machine": machine, "setting": asdict(st),
+                "done": sorted({(r["dataset"], r["seed"]) for r in rows})}  # fmt: skip
+        write_results(rows, {**meta, "wall_s": 0.0}, args.out, stem)
+        (args.out / f"{stem}.timings.json").write_text(json.dumps({"wall_s": round(wall, 1)}) + "\n")
+    print(markdown(summarize(rows), rows, {**meta, "wall_s": wall}))
+    print(f"wrote {args.out / stem}.json, .md, .png in {wall:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
