@@ -52,7 +52,7 @@ LOADER_PACKAGE = "efficientnet-lite-pytorch"
 EMBEDDING_DIM = 1280
 # Chosen by bench/general_encoder.py on validation data (docs/general-encoder.md): speed on a 2-core
 # edge against balanced accuracy downstream.
-DEFAULT_SIZE = 224
+DEFAULT_SIZE = 96
 # Edges use fp32 only: int8 was slower at small sizes and cost more than half a point of balanced
 # accuracy where it was faster (bench/results/general_encoder.md). encoder.int8.onnx is still built and
 # its figures recorded, so the choice can be re-measured; `edge_variants` in the manifest tells the edge.
