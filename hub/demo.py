@@ -7,7 +7,7 @@ Dirichlet(0.3) share of the digits private split in the local data layout, start
 and three `fedge-edge run` with generated configs, and watches the broker: contributions go up
 (prototypes only), the hub trains and publishes the model, every site fetches it, checks its sha256
 and reports its accuracy on its own held-out samples. Then it prints the table and stops every
-process it started (`--keep-running` leaves them up until Ctrl-C, to look at /metrics).
+process it started (`--keep-running` leaves them up until Ctrl-C or SIGTERM, to look at /metrics).
 """
 
 from __future__ import annotations
@@ -511,13 +511,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
                     help="auto: Mosquitto when installed, else the embedded Python broker")  # fmt: skip
-    ap.add_argument("--keep-running", action="store_true", help="leave the services up until Ctrl-C")
+    ap.add_argument("--keep-running", action="store_true", help="leave the services up until Ctrl-C or SIGTERM")
     ap.add_argument("--no-forget", action="store_true", help="skip the forget request after the first model")
     ap.add_argument("--timeout", type=float, default=600, help="seconds each phase may take before the demo gives up")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = ap.parse_args(argv)
-    result = run_demo(args.workdir, k=args.k, keep_running=args.keep_running, broker=args.broker,
-                      forget=not args.no_forget, timeout_s=args.timeout)  # fmt: skip
+
+    def stop(signum, frame):  # SIGTERM (docker stop, kill, a supervisor) stops the demo as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        result = run_demo(args.workdir, k=args.k, keep_running=args.keep_running, broker=args.broker,
+                          forget=not args.no_forget, timeout_s=args.timeout)  # fmt: skip
+    except KeyboardInterrupt:
+        print("demo stopped before it finished; its services are stopped", file=sys.stderr)
+        return 130
+    except (TimeoutError, RuntimeError) as err:
+        print(f"demo failed: {err}", file=sys.stderr)
+        return 1
     if not args.keep_running:
         print_table(result)
     if args.json:

@@ -172,7 +172,7 @@ def test_the_demo_on_a_busy_machine_then_metrics_scraped_linted_and_every_dashbo
             prom.terminate()
             prom.wait(20)
         if demo.poll() is None:
-            demo.send_signal(signal.SIGINT)  # Ctrl-C: the demo stops its services and prints its figures
+            demo.send_signal(signal.SIGTERM)  # like Ctrl-C: the demo stops its services and prints its figures
         assert demo.wait(120) == 0, "".join(lines)[-4000:]
         reader.join(30)
         demo.stdout.close()  # type: ignore[union-attr]
