@@ -176,6 +176,19 @@ def export_onnx(module, size: int, path: Path) -> None:
             optimize=True,
             verbose=False,
         )
+    # The exporter annotates every node with debugging text (the Python module path, which is __main__
+    # or not depending on how the builder was started, FX node dumps). Dropped, so that the file and the
+    # encoder id derived from its hash depend only on the network, the size and the versions.
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for info in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        del info.metadata_props[:]
+    del model.graph.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, batch: int = 16) -> None:
@@ -325,7 +338,10 @@ def build(
         "label_free": "ImageNet-pretrained weights from a package; fedge trains nothing here",
         "source": {
             "model": MODEL,
-            "parameters_without_classifier": int(sum(p.numel() for p in module.parameters())),
+            "parameters": int(sum(p.numel() for p in module.parameters())),
+            "parameters_without_classifier": int(
+                sum(p.numel() for n, p in module.named_parameters() if not n.startswith("net._fc."))
+            ),
             "weights_package": {
                 "name": WEIGHTS_PACKAGE,
                 "version": _version(WEIGHTS_PACKAGE),
@@ -403,7 +419,7 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "fedge-hub foundation general") -> int:
     """Build the bundle and print a summary of its manifest."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
@@ -415,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         m = build(args.out, args.size, args.seed, threads=args.threads,
-                  command="fedge-hub foundation general " + " ".join(argv))  # fmt: skip
+                  command=" ".join([prog, *argv]))  # fmt: skip
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -427,4 +443,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(prog="python -m hub.foundation.general"))

