@@ -4,13 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick bundled install provision images
+.PHONY: demo test lint bench bench-quick bundled install provision images general
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[edge,edge-sd,hub,bench,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[edge,edge-sd,hub,general,bench,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,3 +46,8 @@ bench: $(STAMP)
 bundled: $(STAMP)
 	$(BIN)/fedge-hub foundation train --dataset digits
 	$(BIN)/fedge-hub foundation train --dataset mnist
+
+# The general edge encoder bundle (docs/general-encoder.md), built outside the repository (about 20 s on 2 cores).
+GENERAL_OUT ?= $(HOME)/.cache/fedge/bundles/general
+general: $(STAMP)
+	$(BIN)/python -m hub.foundation.general --out $(GENERAL_OUT)

@@ -299,10 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["foundation", "evaluate"]:
         args = foundation_evaluate_parser().parse_args(argv[2:])
         return cmd_foundation_evaluate(args, "fedge-hub foundation evaluate " + " ".join(argv[2:]))
+    if argv[:2] == ["foundation", "general"]:
+        from hub.foundation.general import main as general_main
+
+        return general_main(argv[2:])
     ap = argparse.ArgumentParser(prog="fedge-hub", description="fedge hub: synthesize from prototypes, train, unlearn")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    fnd = sub.add_parser("foundation", help="foundation model commands: `fedge-hub foundation train --help`")
-    fnd.add_argument("action", choices=["train", "evaluate"])
+    fnd = sub.add_parser(
+        "foundation",
+        help="foundation model commands: `fedge-hub foundation train --help`; `foundation general --help` builds "
+        "the general edge encoder (docs/general-encoder.md)",
+    )
+    fnd.add_argument("action", choices=["train", "evaluate", "general"])
     sub.add_parser("demo", help="broker, hub and three sites, one round, offline: `fedge-hub demo --help`")
     sub.add_parser(
         "export-encoders",
