@@ -26,12 +26,15 @@ Reports test accuracy and balanced accuracy (mean ± std over seeds), the share 
 oracle gap FRAMU recovers, which contributions were unlearned per seed (and false positives).
 Writes bench/results/framu.json, framu.md, framu.png.
 
-    python -m bench.framu              # digits, seeds 0-9
-    python -m bench.framu --quick      # digits, seed 0, fewer rounds: about two minutes
-    python -m bench.framu --select     # choose FRAMU's hyper-parameters on validation data
+    python -m bench.framu              # digits, seeds 0-9: about 15 min of synthesis on 2 cores, then 2 min
+    python -m bench.framu --quick      # digits, seed 0, 12 rounds: about 2 min (synthesis of 10 contributions)
+    python -m bench.framu --select     # choose FRAMU's hyper-parameters on validation data (about 25 min)
+    --cache DIR keeps the synthesis and statistics between runs (then a full run takes about 2 min)
 
 `--select` never reads the test split: sites are simulated on 70 % of the public split and models
-scored on the other 30 %, with validation seeds disjoint from the test seeds; it writes
+scored on the other 30 %, with validation seeds 1000-1008 (disjoint from the test seeds 0-9). Stage 1
+chooses the consensus and the prior (features alone, learning off), stage 2 the exploration, learning
+rates and reward aggregate at stage 1's winner, then the exclusion cap is checked; it writes
 bench/results/framu-select.json.
 """
 
@@ -510,7 +513,8 @@ def markdown(summary: list[dict], rows: list[dict], meta: dict) -> str:
         f"FRAMU: threshold {fr['threshold']}, patience {fr['patience']}, outdated after {fr['outdated_after_s'] / 86400:.0f} days, "
         f"bias {fr['bias']}, prior {fr['prior']}, exploration sigma {fr['exploration']}, learning rates "
         f"{fr['learning_rate']} (theta) / {fr['offset_learning_rate']} (offsets) / {fr['value_learning_rate']} (value), "
-        f"reward = {fr['reward_aggregate']} of the sites' accuracies (chosen by `--select` on validation data, "
+        f"reward = {fr['reward_aggregate']} of the sites' accuracies, consensus = {fr.get('consensus', 'mean')}, "
+        f"at most {fr.get('max_unlearn_share', 0.5):.2f} of the sites excluded (chosen by `--select` on validation data, "
         "bench/results/framu-select.json).",
         "",
         "## Test accuracy (mean ± std over seeds)",

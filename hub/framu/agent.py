@@ -74,7 +74,7 @@ def centred(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # validation data (`python -m bench.framu --select`, public split only); age, idle time and size
 # start at 0: the policy has to learn from rewards whether they matter.
 PRIOR: dict[str, float] = {
-    "agreement": 6.0,
+    "agreement": 12.0,
     "margin": 0.0,
     "eval_gap": 6.0,
     "eval_missing": 0.0,
@@ -95,8 +95,8 @@ class FramuConfig:
     seed: int = 0
     bias: float = 3.0  # logit of a contribution with nothing against it (sigmoid(3) = 0.95)
     prior: tuple[tuple[str, float], ...] = tuple(PRIOR.items())  # theta_0, by feature name
-    learning_rate: float = 0.5  # alpha: actor step on theta
-    offset_learning_rate: float = 0.5  # alpha_u: actor step on each contribution's own attention offset
+    learning_rate: float = 2.0  # alpha: actor step on theta
+    offset_learning_rate: float = 2.0  # alpha_u: actor step on each contribution's own attention offset
     value_learning_rate: float = 0.3  # beta: critic (value baseline) step
     exploration: float = 0.5  # sigma: exploration noise in logit space
     max_noise: float = 2.0  # |eps| is clipped here: an explored logit is within sigma * max_noise of the noise-free one
@@ -106,7 +106,7 @@ class FramuConfig:
     max_theta: float = 20.0  # |theta_i| bound
     max_unlearn_share: float = 1 / 3  # never exclude more than floor(this * sites) sites
     reward_aggregate: Literal["median", "mean", "trimmed"] = "trimmed"
-    consensus: Literal["median", "mean"] = "mean"  # the other sites' class means (hub.framu.features)
+    consensus: Literal["median", "mean"] = "median"  # the other sites' class means (hub.framu.features)
     learn: bool = True  # False: the fixed attention policy (features alone, no exploration, no updates)
 
     def __post_init__(self) -> None:

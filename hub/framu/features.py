@@ -32,8 +32,9 @@ FEATURE_NAMES: tuple[str, ...] = (
 
 agreement           leave-one-site-out nearest-class-mean check of the contribution's prototypes: the
                     share (weighted by counts) of its prototypes whose nearest class mean, among the
-                    class means of every *other* site's prototypes (count-weighted means of unit
-                    vectors, cosine), is the prototype's own label. 1 = every prototype sits where the
+                    consensus class means of every *other* site (by default the coordinate-wise
+                    median of the sites' own unit class means: one site, one vote; cosine), is the
+                    prototype's own label. 1 = every prototype sits where the
                     other sites put that label; flipped labels score near 0, data from another
                     distribution (rotated, inverted) scores low. 1.0 when no other site has any of its
                     labels (no evidence against it).
@@ -136,7 +137,7 @@ def features(
     contributions: Sequence[Contribution],
     evaluations: Sequence[SiteEvaluation],
     now: datetime,
-    consensus: str = "mean",
+    consensus: str = "median",
 ) -> dict[str, np.ndarray]:
     """One vector (len(FEATURE_NAMES), float64, in FEATURE_NAMES order) per contribution id.
 
@@ -146,7 +147,7 @@ def features(
         evaluations: the sites' reports; each site's newest model version counts.
         now: the time the features are taken at (aware datetime).
         consensus: how the other sites' class means are formed for `agreement` and `margin`:
-            "median" (one site, one vote) or "mean" (the default)
+            "median" (one site, one vote: the default, chosen on validation data) or "mean"
             (count-weighted over all their prototypes).
     """
     # Id order everywhere: the consensus sums, and so the features' last bits, do not depend on input order.
