@@ -169,22 +169,23 @@ class Framu:
 
     def __init__(self, config: FramuConfig, state: dict | None = None):
         self.config = config
+        fresh = {
+            "format": STATE_FORMAT,
+            "theta": {n: float(dict(config.prior).get(n, 0.0)) for n in FEATURE_NAMES},
+            "offsets": {},  # contribution id -> u_c
+            "value": None,  # V: the critic's expected reward under the current policy (None: unknown)
+            "value_ids": [],  # the contributions V was learnt with
+            "streaks": {},  # contribution id -> consecutive rounds below threshold
+            "decided": [],  # contribution ids already reported as decisions (still active)
+            "excluded_sites": [],  # sites whose decided contribution left and nothing newer came
+            "attention": {},  # contribution id -> noise-free attention of the last proposal
+            "features": {},  # contribution id -> feature vector of the last proposal
+            "pending": None,  # the proposal awaiting its reward
+            "last": {},  # last reward, td_error, model_version
+            "rounds": 0,  # rewards received
+        }
         if state is None:
-            state = {
-                "format": STATE_FORMAT,
-                "theta": {n: float(dict(config.prior).get(n, 0.0)) for n in FEATURE_NAMES},
-                "offsets": {},  # contribution id -> u_c
-                "value": None,  # V: the critic's expected reward under the current policy (None: unknown)
-                "value_ids": [],  # the contributions V was learnt with
-                "streaks": {},  # contribution id -> consecutive rounds below threshold
-                "decided": [],  # contribution ids already reported as decisions (still active)
-                "excluded_sites": [],  # sites whose decided contribution left and nothing newer came
-                "attention": {},  # contribution id -> noise-free attention of the last proposal
-                "features": {},  # contribution id -> feature vector of the last proposal
-                "pending": None,  # the proposal awaiting its reward
-                "last": {},  # last reward, td_error, model_version
-                "rounds": 0,  # rewards received
-            }
+            state = fresh
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown FRAMU state format {state.get('format')!r}; expected {STATE_FORMAT}")
         missing = sorted(set(FEATURE_NAMES) - set(state["theta"]))
@@ -192,6 +193,9 @@ class Framu:
             raise ValueError(f"FRAMU state lacks policy parameters for features {missing}")
         # A deep copy through JSON: the caller's dict is never mutated, and what we hold is what state() gives.
         self._s: dict = json.loads(json.dumps(state))
+        # A state saved before a key existed gets that key's initial value (same format, one more field).
+        for key, value in fresh.items():
+            self._s.setdefault(key, json.loads(json.dumps(value)))
 
     def state(self) -> dict:
         """The whole learning state as JSON-serialisable data (a copy): pass it back after a restart."""
@@ -289,15 +293,17 @@ class Framu:
         cfg = self.config
         sites = sorted(latest)
         r = aggregate_reward([latest[x] for x in sites], cfg.reward_aggregate)
-        if self._s["value_ids"] != pending["ids"]:
+        ids = list(pending.get("ids", sorted(pending.get("weights", {}))))
+        if self._s["value_ids"] != ids:
             # Other contributions, another state: the old expectation does not apply.
-            self._s["value"], self._s["value_ids"] = None, list(pending["ids"])
+            self._s["value"], self._s["value_ids"] = None, ids
         v = self._s["value"]
         td = 0.0 if v is None else r - float(v)
         self._s["value"] = r if v is None else float(v) + cfg.value_learning_rate * td
         step = float(np.clip(td, -cfg.max_td, cfg.max_td))
-        sigma = float(pending["sigma"])
-        if cfg.learn and sigma > 0 and step != 0.0 and pending["eps"]:
+        sigma = float(pending.get("sigma", 0.0))
+        # (A proposal saved by an older version, without centred features, is rewarded without an actor step.)
+        if cfg.learn and sigma > 0 and step != 0.0 and pending["eps"] and "centred" in pending:
             theta, offsets = self._s["theta"], self._s["offsets"]
             grad = np.zeros(len(FEATURE_NAMES))
             for cid in sorted(pending["eps"]):
