@@ -58,7 +58,7 @@ from sklearn.metrics import balanced_accuracy_score
 import bundled
 from bench.fgl import RESULTS, SYNTHESIS
 from bench.unlearning import Setting as UnlearningSetting
-from bench.unlearning import World, contribution_id, derive, load_world, mean_std
+from bench.unlearning import World, contribution_id, derive, load_world, mean_std, pm, verdict
 from contract.payloads import Contribution
 from edge.encoder import OnnxEncoder
 from hub import datasets
@@ -462,22 +462,6 @@ def summarize(rows: list[dict]) -> list[dict]:
         s["bad_contributions"] = int(sum(len(r["bad_sites"]) for r in grp))
         out.append(s)
     return out
-
-
-def pm(s: dict, key: str, digits: int = 3) -> str:
-    """`mean ± std` of a summary field."""
-    return f"{s[key]:.{digits}f} ± {s[key + '_std']:.{digits}f}"
-
-
-def verdict(s: dict, a: str, b: str) -> str:
-    """'tie' where the spreads (mean ± std) overlap, else which is higher."""
-    if s["seeds"] < 2:
-        return "one seed"
-    lo_a, hi_a = s[a] - s[a + "_std"], s[a] + s[a + "_std"]
-    lo_b, hi_b = s[b] - s[b + "_std"], s[b] + s[b + "_std"]
-    if hi_a >= lo_b and hi_b >= lo_a:
-        return "tie"
-    return "higher" if s[a] > s[b] else "lower"
 
 
 def targets(s: dict) -> str:
