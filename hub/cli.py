@@ -166,7 +166,7 @@ def cmd_framu(args: argparse.Namespace) -> int:
             "pins": sorted(ledger.pins()),
             "rounds": ledger.framu_rounds()[-5:],
             "unlearned": ledger.uncertified_unlearning(),
-            "decisions": [d for d in ledger.audit_rows()["decisions"] if d["kind"].startswith("framu")][-20:],
+            "decisions": ledger.decisions("framu", 20),
         }
     finally:
         ledger.close()

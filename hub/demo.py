@@ -22,11 +22,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 import bundled
 from contract import signing
@@ -126,10 +128,6 @@ class RoundPhases:
         if hub_state != "training" or time.monotonic() < self.next_poll:
             return
         self.next_poll = time.monotonic() + 2.0
-        import urllib.request
-
-        from prometheus_client.parser import text_string_to_metric_families
-
         try:
             with urllib.request.urlopen(self.url, timeout=5) as r:
                 text = r.read().decode()

@@ -577,6 +577,16 @@ class Ledger:
                 for r in cur
             ]  # fmt: skip
 
+    def decisions(self, kind_prefix: str, limit: int) -> list[dict]:
+        """The newest `limit` decisions whose kind starts with `kind_prefix`, oldest first."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT id, at, kind, subject, detail FROM decisions WHERE kind LIKE ? ORDER BY id DESC LIMIT ?",
+                (kind_prefix + "%", limit),
+            )
+            rows = [{"id": r[0], "at": r[1], "kind": r[2], "subject": r[3], "detail": r[4]} for r in cur]
+        return rows[::-1]
+
     def pin(self, subject: str, note: str = "") -> bool:
         """Pin a contribution id or a site id: FRAMU never unlearns it automatically. False if already pinned."""
         with self._tx():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -40,8 +41,6 @@ class SiteCounters(Collector):
     """
 
     def __init__(self) -> None:
-        import threading
-
         self._lock = threading.Lock()
         self._sites: dict[str, SiteStatus] = {}
 

@@ -133,6 +133,7 @@ class HubService:
             on_handler_error=lambda msg, err: self.metrics.rejections.labels("internal").inc(),
         )
         latest = self.registry.latest()
+        self._latest_version = latest.version if latest else None  # kept here: the main loop asks every poll
         if latest is not None:
             self.metrics.model_version.set(latest.version)
 
@@ -372,6 +373,7 @@ class HubService:
         self._progress_idle()
         self.metrics.rounds.labels("done").inc()
         self.metrics.model_version.set(version.version)
+        self._latest_version = version.version
         # Certificates are signed and recorded before the model goes out, so that a delivery cut short
         # (the broker gone) loses none: they follow the model on the wire, now or when it is republished.
         v_before = before.version if before else None
@@ -538,8 +540,7 @@ class HubService:
                             log.warning("could not republish model v%d: %s", latest.version, err)
                             self._republish.set()
                 self.check_policy(time.monotonic())
-                latest = self.registry.latest()
-                if self.framu.poll(latest.version if latest else None):
+                if self.framu.poll(self._latest_version):
                     self.ledger.request_round("framu")
                 if self.bus.connected:
                     round_id = self.ledger.claim_round()

@@ -11,7 +11,6 @@ Layout of a bundle directory:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +22,7 @@ from diffusers import DDIMScheduler
 from hub.export import export_onnx
 from hub.foundation.encoder import ConvEncoder
 from hub.foundation.generator import PrototypeConditionedUNet
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from runtime.files import sha256_file
 
 
 def export_encoder_onnx(encoder: ConvEncoder, path: Path) -> None:

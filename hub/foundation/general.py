@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from contract.layout import fit_image
+from runtime.files import sha256_file
 
 NAME = "general"
 MODEL = "efficientnet-lite0"
@@ -68,15 +69,6 @@ PARITY_TOLERANCE = 1e-5
 
 for _name in ("onnxscript", "onnx_ir", "torch.onnx._internal.exporter._registration"):
     logging.getLogger(_name).setLevel(logging.ERROR)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_path() -> Path:

@@ -44,9 +44,10 @@ class FramuLoop:
         self._waiting: tuple[int, set[str], float] | None = None  # (version, sites expected, since) for a reward
         self._in_a_row = 0  # rounds FRAMU started on its own since the last new input
         pending = self.framu.state()["pending"]
-        if pending is not None and ledger.framu_rounds():
+        recorded = ledger.framu_rounds() if pending is not None else []
+        if recorded:
             # Restarted while a reward was pending: wait for the reports on the newest recorded version.
-            last = ledger.framu_rounds()[-1]["model_version"]
+            last = recorded[-1]["model_version"]
             self._waiting = (last, self._sites_of(last), time.monotonic())
 
     @property
@@ -165,8 +166,3 @@ class FramuLoop:
     def wants_unlearning_round(self, last_trained: set[str]) -> bool:
         """Whether a contribution FRAMU unlearned is still in the current model."""
         return any(r["contribution_id"] in last_trained for r in self.ledger.uncertified_unlearning())
-
-
-def certificate_figures(figures: dict) -> dict[str, float]:
-    """A decision's figures as a certificate's `verification` entries (floats, prefixed `framu_`)."""
-    return {f"framu_{k}": float(v) for k, v in sorted(figures.items())}
