@@ -166,7 +166,10 @@ class HubHarness:
         from hub.config import HubSettings
         from hub.service import HubService
 
-        settings = HubSettings(state_dir=root / "hub", foundation=str(bundle), metrics_port=None, device="cpu")
+        settings = HubSettings(
+            state_dir=root / "hub", foundation=str(bundle), metrics_port=None, device="cpu",
+            rounds={"refine": True, "refine_dim": 8},
+        )  # fmt: skip
         self.hub = HubService(settings)
         # One published version, so that valid evaluations have a model to name.
         meta = {"labels": ["0", "1"], "input": {"name": "image", "shape": [-1, 1, 8, 8]}, "contributions": []}
@@ -220,6 +223,27 @@ class HubHarness:
         }  # fmt: skip
         return body
 
+    def valid_refinement(self, draw) -> dict:
+        """Valid refinement statistics; "BASIS" becomes the site's active contribution (when it has one) at run time."""
+        assert self.hub.refinement is not None
+        d = self.hub.refinement.projection.dim
+        n = draw(st.integers(1, 3))
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+        def arr(a: np.ndarray) -> dict:
+            return {
+                "dtype": "float32",
+                "shape": list(a.shape),
+                "data": base64.b64encode(a.astype("<f4").tobytes()).decode(),
+            }
+
+        return {
+            "schema_version": 1, "statistics_id": draw(IDS), "site_id": "SITE", "created_at": "2026-11-22T03:21:55Z",
+            "feature_key": self.hub.refinement.feature_key, "model_version": 1, "contribution_id": "BASIS",
+            "min_group_size": 5, "labels": [str(j) for j in range(n)], "counts": [draw(st.integers(5, 50)) for _ in range(n)],
+            "sums": arr(rng.normal(size=(n, d))), "gram": arr(rng.normal(size=d * (d + 1) // 2)),
+        }  # fmt: skip
+
     def valid_site_status(self, draw) -> dict:
         """A valid site status (retained by design), with a time that may be older than the one kept."""
         return {
@@ -234,11 +258,11 @@ class HubHarness:
             "forget_requests": {"accepted": draw(st.integers(0, 5))},
         }  # fmt: skip
 
-    def state(self) -> tuple[int, int, int, int]:
-        """(contributions, evaluations, rejections, forget receipts) rows in the ledger."""
+    def state(self) -> tuple[int, int, int, int, int]:
+        """(contributions, evaluations, rejections, forget receipts, refinement statistics) rows in the ledger."""
         db = self.hub.ledger._db
         with self.hub.ledger._lock:
-            return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("contributions", "evaluations", "rejections", "forget_receipts"))  # type: ignore[return-value]  # fmt: skip
+            return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("contributions", "evaluations", "rejections", "forget_receipts", "refinements"))  # type: ignore[return-value]  # fmt: skip
 
     def outcome_counts(self, kind: str) -> dict[str, float]:
         """The service's own outcome counters for `kind`."""
@@ -254,6 +278,12 @@ class HubHarness:
             payload = payload.replace(b'"SITE"', json.dumps(site).encode())
         if kind == "forget/receipt":
             payload = _sign_object(payload, self.site_key)
+        if kind == "refine" and site is not None:
+            with self.hub.ledger._lock:
+                row = self.hub.ledger._db.execute(
+                    "SELECT contribution_id FROM contributions WHERE site_id = ? AND state = 'active'", (site,)
+                ).fetchone()
+            payload = payload.replace(b'"BASIS"', json.dumps(row[0] if row else "ef" * 16).encode())
         before, counts = self.state(), self.outcome_counts(kind)
         internal = self.hub.metrics.registry.get_sample_value("fedge_hub_rejections_total", {"code": "internal"}) or 0
         self.handlers[kind](Message(topic, payload, retain))
@@ -279,9 +309,10 @@ class HubHarness:
                 before[1] + (kind == "eval"),
                 before[2],
                 before[3] + (kind == "forget/receipt"),
+                before[4] + (kind == "refine"),
             ),
             "duplicate": before,
-            "rejected": (before[0], before[1], before[2] + 1, before[3]),
+            "rejected": (before[0], before[1], before[2] + 1, before[3], before[4]),
         }[outcome]
         if after != expected:
             tally.problems.append(f"{name}: {outcome} left the ledger at {after}, expected {expected}")
@@ -337,6 +368,15 @@ class EdgeHarness:
             "chunks": [{"index": 0, "size_bytes": 100, "sha256": "00" * 32}], "labels": ["0", "1"],
             "input_name": "image", "input_shape": [-1, 1, 8, 8], "encoder_id": "enc", "contributions": [],
             "fedavg_round_bytes": 1000,
+        }  # fmt: skip
+        return signing.sign(body, self.key)
+
+    def valid_refine_request(self, draw) -> dict:
+        """A refinement request signed by the trusted key (mutations then break the signature or the fields)."""
+        body = {
+            "schema_version": 1, "request_id": draw(IDS), "created_at": "2026-11-22T03:11:09Z",
+            "feature_key": "0123456789abcdef", "model_version": draw(st.integers(1, 5)), "model_sha256": "85" * 32,
+            "output_name": "fedge_refine_features", "dim": 8, "min_group_size": 5,
         }  # fmt: skip
         return signing.sign(body, self.key)
 
@@ -399,7 +439,7 @@ def run_all(cases: int, bundle: Path, root: Path, base_seed: int = 0, log: Calla
     drivers: list[tuple[str, Callable[[], None]]] = []
     hub_kinds = (
         ("embeddings", hub.valid_contribution), ("eval", hub.valid_evaluation), ("forget/receipt", hub.valid_receipt),
-        ("status", hub.valid_site_status),
+        ("status", hub.valid_site_status), ("refine", hub.valid_refinement),
     )  # fmt: skip
     for i, (kind, valid) in enumerate(hub_kinds):
         drivers.append((f"hub/{kind}", _hub_driver(hub, kind, valid, cfg, base_seed + i, tally)))
@@ -408,6 +448,7 @@ def run_all(cases: int, bundle: Path, root: Path, base_seed: int = 0, log: Calla
         ("model", TOPICS.hub_model, edge.valid_manifest),
         ("errors", TOPICS.site("site-a", "errors"), edge.valid_error),
         ("forget", TOPICS.site("site-a", "forget/request"), edge.valid_forget),
+        ("refine", TOPICS.hub_refine, edge.valid_refine_request),
     )
     for i, (kind, topic, valid) in enumerate(edge_cases):
         drivers.append((f"edge/{kind}", _edge_driver(edge, kind, topic, valid, cfg, base_seed + 10 + i, tally)))

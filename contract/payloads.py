@@ -424,6 +424,82 @@ class UnlearningCertificate(BaseModel):
     signature: Signature = Field(description="By the hub's key, the one that signs model manifests.")
 
 
+MAX_REFINE_DIM = 512
+FeatureKey = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
+
+
+class RefinementRequest(BaseModel):
+    """Retained on `hub/refine`: run a delivered model's feature output on your labelled data, send statistics."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    request_id: MessageId = Field(description="New for each model version the request names.")
+    created_at: AwareDatetime
+    feature_key: FeatureKey = Field(
+        description="Names the feature part (encoder, random features, projection); statistics must echo it."
+    )
+    model_version: ModelVersionNumber = Field(description="The delivered model whose output to run.")
+    model_sha256: Sha256 = Field(description="sha256 of that model's artifact.")
+    output_name: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
+        description="ONNX output holding the projected features [N, dim]."
+    )
+    dim: int = Field(ge=1, le=MAX_REFINE_DIM, description="Width of that output.")
+    min_group_size: int = Field(ge=1, le=MAX_COUNT, description="Labels with fewer training samples are left out.")
+    signature: Signature = Field(description="The hub's signature, by the key that signs model manifests.")
+
+
+class RefinementStatistics(BaseModel):
+    """On `site/<id>/refine`: additive statistics of a site's projected features (sums per label, one Gram matrix)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    statistics_id: MessageId = Field(description="Chosen by the site from the content; never reused for other content.")
+    site_id: SiteId
+    created_at: AwareDatetime
+    feature_key: FeatureKey = Field(description="The request's feature_key.")
+    model_version: ModelVersionNumber = Field(description="The model whose feature output was run.")
+    contribution_id: MessageId = Field(
+        description="The site's contribution these statistics go with; they leave the model when it is superseded."
+    )
+    min_group_size: int = Field(ge=1, le=MAX_COUNT, description="Fewest training samples a label needed to be counted.")
+    labels: list[Label] = Field(min_length=1, max_length=MAX_LABELS, description="Labels summed, in row order.")
+    counts: list[Annotated[int, Field(ge=1, le=MAX_COUNT)]] = Field(description="Samples per label.")
+    sums: ArrayPayload = Field(description="Per-label sums of the features, shape [L, dim].")
+    gram: ArrayPayload = Field(
+        description="Upper triangle (numpy triu_indices order, row by row) of Z^T Z over every counted sample, "
+        "shape [dim (dim + 1) / 2]."
+    )
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> RefinementStatistics:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("a label appears more than once")
+        shape = self.sums.shape
+        if len(shape) != 2 or shape[0] != len(self.labels) or not 1 <= shape[1] <= MAX_REFINE_DIM:
+            raise ValueError(f"sums must be [{len(self.labels)}, dim] with 1 <= dim <= {MAX_REFINE_DIM}, got {shape}")
+        if len(self.counts) != len(self.labels):
+            raise ValueError(f"{len(self.labels)} labels but {len(self.counts)} counts")
+        d = shape[1]
+        if self.gram.shape != [d * (d + 1) // 2]:
+            raise ValueError(f"gram must be the upper triangle of a {d} x {d} matrix, shape [{d * (d + 1) // 2}]")
+        small = [n for n in self.counts if n < self.min_group_size]
+        if small:
+            raise ValueError(f"a label counts {small[0]} samples, fewer than min_group_size={self.min_group_size}")
+        return self
+
+    @property
+    def dim(self) -> int:
+        """Width of the projected features."""
+        return self.sums.shape[1]
+
+    @property
+    def n_samples(self) -> int:
+        """Samples summed."""
+        return sum(self.counts)
+
+
 ErrorCode = Literal[
     "not_json",
     "schema_version",
@@ -444,6 +520,7 @@ ErrorCode = Literal[
     "unknown_key",
     "internal",
     "unlearned",
+    "stale",
 ]
 
 
@@ -467,5 +544,5 @@ class ErrorReport(BaseModel):
 # Every model that travels on a topic, in the order docs/mqtt.md documents them.
 WIRE_MODELS = (
     "SiteStatus", "Contribution", "Evaluation", "ErrorReport", "HubStatus", "ModelManifest", "ModelChunk",
-    "ForgetRequest", "ForgetReceipt", "UnlearningCertificate",
+    "ForgetRequest", "ForgetReceipt", "UnlearningCertificate", "RefinementRequest", "RefinementStatistics",
 )  # fmt: skip

@@ -6,10 +6,12 @@
 <prefix>/site/<site_id>/errors            hub -> site   why a message from that site was rejected
 <prefix>/site/<site_id>/forget/request    operator -> site (never retained)
 <prefix>/site/<site_id>/forget/receipt    site -> hub   (never retained)
+<prefix>/site/<site_id>/refine            site -> hub   refinement statistics (rounds.refine)
 <prefix>/hub/status                       hub -> all    retained
 <prefix>/hub/model                        hub -> all    retained model manifest
 <prefix>/hub/model/<version>/<index>      hub -> all    retained model artifact chunks
 <prefix>/hub/certificate                  hub -> all    unlearning certificates
+<prefix>/hub/refine                       hub -> all    retained refinement request (rounds.refine)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ DEFAULT_PREFIX = "fedge/v1"
 SHARE_GROUP = "fedge-hub"
 
 # Message kinds a site publishes, by the last topic level(s) under site/<site_id>/.
-SITE_KINDS = ("status", "embeddings", "eval", "errors", "forget/request", "forget/receipt")
+SITE_KINDS = ("status", "embeddings", "eval", "errors", "forget/request", "forget/receipt", "refine")
 
 
 @dataclass(frozen=True)
@@ -82,3 +84,7 @@ class Topics:
     @property
     def hub_certificate(self) -> str:
         return f"{self.prefix}/hub/certificate"
+
+    @property
+    def hub_refine(self) -> str:
+        return f"{self.prefix}/hub/refine"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-SENT_KINDS = ("embeddings", "eval", "status", "forget_receipt", "errors")
-RECEIVED_KINDS = ("model", "errors", "status", "forget")
-MESSAGE_KINDS = ("hub_status", "model", "errors", "forget")
+SENT_KINDS = ("embeddings", "eval", "status", "forget_receipt", "errors", "refine")
+RECEIVED_KINDS = ("model", "errors", "status", "forget", "refine")
+MESSAGE_KINDS = ("hub_status", "model", "errors", "forget", "refine")
 OUTCOMES = ("accepted", "duplicate", "rejected")
 
 

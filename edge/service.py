@@ -15,9 +15,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
 import bundled
@@ -31,6 +32,7 @@ from contract.payloads import (
     Evaluation,
     HubStatus,
     ModelManifest,
+    RefinementRequest,
     SiteStatus,
     new_id,
     now,
@@ -43,6 +45,7 @@ from edge.encoder import EncoderChoice, choose_encoder
 from edge.forget import ForgetContext, Forgetter
 from edge.metrics import EdgeMetrics
 from edge.models import ChunkAssembler, GlobalModel, ModelRejected, ModelStore
+from edge.refine import make_statistics, projected_features, statistics
 from edge.store import EdgeStore, IndexedSample
 from runtime.mqtt import Bus, Message, NotConnected
 from runtime.outcomes import Outcome, Rejected, guarded
@@ -52,6 +55,7 @@ MAX_HUB_MESSAGE_BYTES = 1 << 20
 MAX_CHUNK_MESSAGE_BYTES = 64 << 20
 
 log = logging.getLogger("fedge.edge")
+M = TypeVar("M", bound=BaseModel)
 
 
 class EdgeService:
@@ -96,6 +100,7 @@ class EdgeService:
             key = signing.parse_public_pem(pinned)
             self._trusted[signing.key_id(key)] = key
         self._unverified_manifest: bytes | None = None  # a manifest that came before any trusted key
+        self._unverified_refine: bytes | None = None  # a refinement request that came before any trusted key
         self.site_key = self._site_key()
         operators = {signing.key_id(k): k for k in map(signing.load_public_key, s.operator_public_key_files)}
         if not operators:
@@ -220,6 +225,7 @@ class EdgeService:
             "model": guarded("model", self._on_manifest, self._report),
             "errors": guarded("errors", self._on_error, self._report),
             "forget": guarded("forget", self.forgetter.intake, self._report),
+            "refine": guarded("refine", self._on_refine, self._report),
         }
 
     def _subscribe(self) -> None:
@@ -229,10 +235,11 @@ class EdgeService:
         self.bus.subscribe(t.hub_model, h["model"])
         self.bus.subscribe(t.site(self.settings.site_id, "errors"), h["errors"])
         self.bus.subscribe(t.site(self.settings.site_id, "forget/request"), h["forget"])
+        self.bus.subscribe(t.hub_refine, h["refine"])
 
     def _report(self, kind: str, msg: Message, outcome: Outcome, err: Rejected | None) -> None:
         """Every hub message ends accepted, duplicate or rejected (counted, logged; a refused model is in the status)."""
-        received = kind if kind in ("model", "errors", "forget") else "status"
+        received = kind if kind in ("model", "errors", "forget", "refine") else "status"
         self.metrics.received_bytes.labels(received).inc(len(msg.payload))
         self.store.add_bytes("bytes_received", received, len(msg.payload))
         self.metrics.messages.labels(kind, outcome).inc()
@@ -275,6 +282,9 @@ class EdgeService:
         pending, self._unverified_manifest = self._unverified_manifest, None
         if pending is not None and self._trusted:
             guarded("model", self._on_manifest, self._report)(Message(self.topics.hub_model, pending))
+        pending, self._unverified_refine = self._unverified_refine, None
+        if pending is not None and self._trusted:
+            guarded("refine", self._on_refine, self._report)(Message(self.topics.hub_refine, pending))
         return "accepted"
 
     def _trust_on_first_use(self, status: HubStatus) -> None:
@@ -298,6 +308,17 @@ class EdgeService:
             signing.key_id(key),
         )
 
+    def _signed(self, body: dict, model: type[M], what: str) -> M:
+        """`body` as `model`, once its signature by a trusted hub key is checked; Rejected otherwise."""
+        try:
+            signing.verify(body, self._trusted)
+        except signing.SignatureError as err:
+            raise Rejected("signature", f"{what} refused: {err}") from None
+        try:
+            return model.model_validate(body)
+        except ValidationError as err:
+            raise Rejected("invalid", f"{what} refused: {err.errors()[0]['msg']}") from None
+
     def _on_manifest(self, msg: Message) -> Outcome:
         if not msg.payload:
             return "accepted"  # a retained manifest being cleared
@@ -306,14 +327,7 @@ class EdgeService:
             self._unverified_manifest = msg.payload  # checked once hub/status brings a key to pin
             log.info("a model manifest arrived before any trusted hub key; it waits for the hub's status")
             return "accepted"
-        try:
-            signing.verify(body, self._trusted)
-        except signing.SignatureError as err:
-            raise Rejected("signature", f"model manifest refused: {err}") from None
-        try:
-            manifest = ModelManifest.model_validate(body)
-        except ValidationError as err:
-            raise Rejected("invalid", f"model manifest refused: {err.errors()[0]['msg']}") from None
+        manifest = self._signed(body, ModelManifest, "model manifest")
         current = self.models.current()
         if current is not None and manifest.version <= current[1].version:
             return "duplicate"
@@ -354,6 +368,54 @@ class EdgeService:
                 self.bus.unsubscribe(self.topics.model_chunks(asm.manifest.version))
                 self._jobs.put(("install", asm))
         return "accepted"
+
+    def _on_refine(self, msg: Message) -> Outcome:
+        """The hub's refinement request (retained, signed): kept, and answered from the main loop (`maybe_refine`)."""
+        if not msg.payload:
+            return "accepted"  # a retained request being cleared
+        body = self._decode(msg.payload)
+        if not self._trusted:
+            self._unverified_refine = msg.payload  # checked once hub/status brings a key to pin
+            return "accepted"
+        request = self._signed(body, RefinementRequest, "refinement request")
+        kept = self.store.get("refine_request")
+        if kept is not None and RefinementRequest.model_validate_json(kept).request_id == request.request_id:
+            return "duplicate"
+        self.store.set("refine_request", request.model_dump_json())
+        self._jobs.put(("refine", None))
+        return "accepted"
+
+    def maybe_refine(self) -> bool:
+        """Queue refinement statistics when the hub asks for them, the model it names is the one installed, and the
+        site's contribution changed since it last sent some; True if queued."""
+        kept = self.store.get("refine_request")
+        current = self.models.current()
+        contribution = self.store.get("contribution_id")
+        if kept is None or current is None or contribution is None:
+            return False
+        request = RefinementRequest.model_validate_json(kept)
+        path, manifest = current
+        if (manifest.version, manifest.sha256) != (request.model_version, request.model_sha256):
+            return False  # another model is installed (or on its way): the request for it follows
+        done_key = f"{request.feature_key}:{contribution}"
+        if self.store.get("refined_for") == done_key:
+            return False
+        min_group = max(request.min_group_size, self.settings.min_group_size)
+        samples, images = self._read(self.store.samples(holdout=False), manifest.input_shape[-1])
+        t = time.perf_counter()
+        feats = projected_features(path, manifest.input_name, request.output_name, images, self.settings.threads)
+        stats = statistics(feats, [x.label for x in samples], min_group) if len(samples) else None
+        if stats is None:
+            self.store.set("refined_for", done_key)  # nothing to count: no label has enough samples
+            return False
+        st = make_statistics(self.settings.site_id, request, contribution, min_group, *stats)
+        payload = st.model_dump_json().encode()
+        self.store.enqueue(st.statistics_id, "refine", self.topics.site(self.settings.site_id, "refine"), payload,
+                           meta={"refined_for": done_key})  # fmt: skip
+        self._outbox_wake.set()
+        log.info("refinement statistics %s queued: %d samples, %d labels, dim %d, %d bytes (%.2f s)",
+                 st.statistics_id[:8], st.n_samples, len(st.labels), st.dim, len(payload), time.perf_counter() - t)  # fmt: skip
+        return True
 
     def _reject_model(self, reason: str, manifest: ModelManifest) -> None:
         """A received model that is not installed: counted, logged, shown in the status; the previous one serves."""
@@ -619,6 +681,7 @@ class EdgeService:
                         self.sync()
                         self.forgetter.execute_pending()
                         self.maybe_contribute()
+                        self.maybe_refine()
                     except FileNotFoundError as err:
                         log.error("%s", err)
                     except Exception:  # one bad scan must not stop the site; logged with its traceback, retried
@@ -627,6 +690,12 @@ class EdgeService:
                     next_scan = now + s.scan_interval_s
                 if kind == "install":
                     self.install(job)  # type: ignore[arg-type]
+                if kind in ("install", "refine"):
+                    try:
+                        self.maybe_refine()
+                    except Exception:  # retried at the next scan, like a failed contribution
+                        self.metrics.scan_failures.inc()
+                        log.exception("refinement statistics failed; retrying at the next scan")
                 if self._status_dirty.is_set() and self.bus.connected:
                     self._status_dirty.clear()
                     self._publish_status()

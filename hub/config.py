@@ -29,6 +29,21 @@ class RoundPolicy(BaseModel):
         default=None, gt=0, description="Start anyway this long after the first change not yet in a model."
     )
     poll_s: float = Field(default=0.5, gt=0, le=60, description="How often the policy is checked.")
+    refine: bool = Field(
+        default=False,
+        description="Closed-form refinement round (docs/unlearning.md): sites send additive statistics of the "
+        "delivered model's projected features and the hub solves the head from them exactly (model closed_form).",
+    )
+    refine_dim: int = Field(
+        default=96, ge=8, le=512,
+        description="Projected feature dimension: a site uploads dim (dim + 1) / 2 + labels x dim float32 values "
+        "(96: about 32 KB of JSON for 10 labels).",
+    )  # fmt: skip
+    refine_wait_s: float = Field(
+        default=60.0, gt=0, le=86400,
+        description="How long new statistics wait for every site's before the hub solves from those it has.",
+    )  # fmt: skip
+    refine_lam: float = Field(default=1e-6, gt=0, le=10, description="Ridge regularisation of the refined head.")
 
 
 class SynthesisSettings(BaseModel):
@@ -187,6 +202,10 @@ class HubSettings(BaseSettings):
             self.model = "cnn"  # the closed-form head needs an image encoder in ONNX, which SD checkpoints lack
         if self.backend == "stable-diffusion" and self.model == "closed_form":
             raise ValueError("model closed_form needs the bundled backend (an image encoder in ONNX); use model: cnn")
+        if self.rounds.refine and self.model != "closed_form":
+            raise ValueError(
+                "rounds.refine needs model closed_form (the feature part sites run is its encoder and features)"
+            )
         if self.framu.mode == "auto" and self.model != "closed_form":
             raise ValueError(
                 "framu.mode auto weighs each contribution's statistics, which needs model closed_form; "

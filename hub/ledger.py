@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from contract.payloads import Contribution, ErrorReport, Evaluation, ForgetReceipt
+from contract.payloads import Contribution, ErrorReport, Evaluation, ForgetReceipt, RefinementStatistics
 from hub.intake import Rejected
 from runtime.sqlite import open_db, transaction
 
@@ -68,8 +68,24 @@ CREATE TABLE IF NOT EXISTS rounds (
     finished_at TEXT,
     contributions TEXT,
     model_version INTEGER,
-    error TEXT
+    error TEXT,
+    refinements TEXT
 );
+CREATE TABLE IF NOT EXISTS refinements (
+    statistics_id TEXT PRIMARY KEY,
+    site_id TEXT NOT NULL,
+    contribution_id TEXT NOT NULL,
+    feature_key TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    samples INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('active', 'superseded')),
+    superseded_by TEXT,
+    purged_at TEXT
+);
+CREATE INDEX IF NOT EXISTS refinements_site ON refinements (site_id, state);
 CREATE TABLE IF NOT EXISTS site_keys (
     site_id TEXT PRIMARY KEY,
     key_id TEXT NOT NULL,
@@ -174,6 +190,8 @@ class Ledger:
             self._db.execute("ALTER TABLE contributions ADD COLUMN purged_at TEXT")
         if "weights" not in {r[1] for r in self._db.execute("PRAGMA table_info(model_versions)")}:
             self._db.execute("ALTER TABLE model_versions ADD COLUMN weights TEXT")  # written before FRAMU
+        if "refinements" not in {r[1] for r in self._db.execute("PRAGMA table_info(rounds)")}:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN refinements TEXT")  # written before refinement rounds
 
     def close(self) -> None:
         """Close the file."""
@@ -258,6 +276,15 @@ class Ledger:
         with self._lock:
             rows = self._db.execute(
                 "SELECT contribution_id FROM contributions WHERE state = 'active' AND labels > 0 AND contribution_id NOT IN (SELECT contribution_id FROM automatic_unlearning)"
+            )
+            return {r[0] for r in rows}
+
+    def active_sites(self) -> set[str]:
+        """Sites whose active contribution carries samples (what a round would train on)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT site_id FROM contributions WHERE state = 'active' AND labels > 0 AND contribution_id "
+                "NOT IN (SELECT contribution_id FROM automatic_unlearning)"
             )
             return {r[0] for r in rows}
 
@@ -353,15 +380,20 @@ class Ledger:
             return int(row[0])
 
     def finish_round(
-        self, round_id: int, contributions: list[str], model_version: int | None, error: str | None = None
-    ) -> None:
-        """Close a running round as done (with its model version) or failed (with the error)."""
+        self, round_id: int, contributions: list[str], model_version: int | None, error: str | None = None,
+        refinements: list[str] | None = None,
+    ) -> None:  # fmt: skip
+        """Close a running round as done (with its model version) or failed (with the error).
+
+        `refinements`: the refinement statistics the round's model was solved from (None: not a refined model).
+        """
         with self._tx():
             self._db.execute(
-                "UPDATE rounds SET state = ?, finished_at = ?, contributions = ?, model_version = ?, error = ? "
-                "WHERE round_id = ?",
-                ("failed" if error else "done", _now(), json.dumps(contributions), model_version, error, round_id),
-            )
+                "UPDATE rounds SET state = ?, finished_at = ?, contributions = ?, model_version = ?, error = ?, "
+                "refinements = ? WHERE round_id = ?",
+                ("failed" if error else "done", _now(), json.dumps(contributions), model_version, error,
+                 None if refinements is None else json.dumps(sorted(refinements)), round_id),
+            )  # fmt: skip
             self._decide("round", str(round_id), {"model_version": model_version, "error": error})
 
     def interrupt_round(self, round_id: int, reason: str) -> int:
@@ -420,6 +452,93 @@ class Ledger:
                 "SELECT contributions FROM rounds WHERE state = 'done' ORDER BY round_id DESC LIMIT 1"
             ).fetchone()
         return None if row is None else set(json.loads(row[0]))
+
+    def last_refined_set(self) -> set[str]:
+        """Refinement statistics ids of the last successful round's model (empty when it was not refined)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT refinements FROM rounds WHERE state = 'done' ORDER BY round_id DESC LIMIT 1"
+            ).fetchone()
+        return set(json.loads(row[0])) if row and row[0] else set()
+
+    # --- refinement statistics (hub/refinement): one active record per site, tied to its contribution ---
+    _ACTIVE_BASIS = (
+        "contribution_id IN (SELECT contribution_id FROM contributions WHERE state = 'active') AND contribution_id "
+        "NOT IN (SELECT contribution_id FROM automatic_unlearning)"
+    )
+
+    def ingest_refinement(self, st: RefinementStatistics, payload: bytes) -> bool:
+        """Record a site's validated refinement statistics; True if new, False for a harmless redelivery.
+
+        Raises Rejected (nothing written) for an id reused with other content, or statistics whose
+        contribution is not the site's active one (`stale`: they would describe data the site has replaced).
+        """
+        sha = hashlib.sha256(payload).hexdigest()
+        ref = st.statistics_id
+        with self._tx():
+            row = self._db.execute(
+                "SELECT payload_sha256, site_id FROM refinements WHERE statistics_id = ?", (ref,)
+            ).fetchone()
+            if row is not None:
+                if row[0] == sha and row[1] == st.site_id:
+                    return False
+                raise Rejected("duplicate_id", f"statistics_id {ref} was already used for different content", ref)
+            basis = self._db.execute(
+                f"SELECT 1 FROM contributions WHERE contribution_id = ? AND site_id = ? AND {self._ACTIVE_BASIS}",  # noqa: S608
+                (st.contribution_id, st.site_id),
+            ).fetchone()
+            if basis is None:
+                raise Rejected(
+                    "stale",
+                    f"contribution {st.contribution_id} is not the active contribution of site {st.site_id}; "
+                    "statistics go with the site's latest contribution",
+                    ref,
+                )
+            replaced = [r[0] for r in self._db.execute(
+                "SELECT statistics_id FROM refinements WHERE site_id = ? AND state = 'active'", (st.site_id,))]  # fmt: skip
+            self._db.execute(
+                "INSERT INTO refinements VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', NULL, NULL)",
+                (ref, st.site_id, st.contribution_id, st.feature_key, st.created_at.isoformat(), _now(), sha, payload,
+                 st.n_samples),
+            )  # fmt: skip
+            self._db.executemany(
+                "UPDATE refinements SET state = 'superseded', superseded_by = ? WHERE statistics_id = ?",
+                [(ref, old) for old in replaced],
+            )
+            self._decide("refinement", ref, {"site": st.site_id, "contribution": st.contribution_id,
+                                             "supersedes": replaced})  # fmt: skip
+        return True
+
+    def active_refinements(self, feature_key: str) -> list[tuple[str, str, bytes]]:
+        """(statistics id, site, payload) of every site's active statistics for `feature_key` whose contribution is
+        still active (a superseded or unlearned contribution takes its statistics with it), in id order."""
+        with self._lock:
+            cur = self._db.execute(
+                f"SELECT statistics_id, site_id, payload FROM refinements WHERE state = 'active' AND feature_key = ? "  # noqa: S608
+                f"AND {self._ACTIVE_BASIS} ORDER BY statistics_id",
+                (feature_key,),
+            )
+            return [(r[0], r[1], bytes(r[2])) for r in cur]
+
+    def refinement_payloads(self, statistics_ids: list[str]) -> dict[str, bytes]:
+        """Stored payloads of refinement statistics (purged ones are empty)."""
+        with self._lock:
+            return {
+                r[0]: bytes(r[1])
+                for sid in statistics_ids
+                for r in self._db.execute(
+                    "SELECT statistics_id, payload FROM refinements WHERE statistics_id = ?", (sid,)
+                )
+            }
+
+    def refinements_based_on(self, contribution_ids: list[str]) -> list[str]:
+        """Ids of the refinement statistics that went with these contributions."""
+        with self._lock:
+            return sorted(
+                r[0]
+                for cid in contribution_ids
+                for r in self._db.execute("SELECT statistics_id FROM refinements WHERE contribution_id = ?", (cid,))
+            )
 
     # --- forgetting: site keys, receipts, model versions, certificates ---
     def site_key(self, site_id: str) -> str | None:
@@ -509,6 +628,12 @@ class Ledger:
             )
             self._db.executemany(
                 "UPDATE contributions SET payload = X'', purged_at = ? WHERE contribution_id = ? AND state = 'superseded'",
+                [(_now(), c) for c in purge],
+            )
+            # Refinement statistics of a removed contribution: derived from deleted data too.
+            self._db.executemany(
+                "UPDATE refinements SET payload = X'', purged_at = ? WHERE statistics_id = ? AND contribution_id IN "
+                "(SELECT contribution_id FROM contributions WHERE state = 'superseded')",
                 [(_now(), c) for c in purge],
             )
             self._decide("certificate", certificate_id, {"model_version": version, "receipts": receipt_ids,
@@ -663,7 +788,8 @@ class Ledger:
         out: dict[str, list[dict]] = {}
         with self._lock:
             for table in ("contributions", "forget_receipts", "certificates", "model_versions", "rounds", "rejections",
-                          "site_keys", "decisions", "automatic_unlearning", "framu_rounds", "framu_pins"):  # fmt: skip
+                          "site_keys", "decisions", "automatic_unlearning", "framu_rounds", "framu_pins",
+                          "refinements"):  # fmt: skip
                 cur = self._db.execute(f"SELECT * FROM {table}")  # noqa: S608 (fixed table names)
                 cols = [d[0] for d in cur.description]
                 rows = []

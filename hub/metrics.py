@@ -11,8 +11,8 @@ from prometheus_client.registry import Collector
 
 from contract.payloads import ErrorCode, SiteStatus
 
-INGEST_KINDS = ("embeddings", "eval", "forget/receipt", "status")
-SENT_KINDS = ("model", "errors", "status", "certificate")
+INGEST_KINDS = ("embeddings", "eval", "forget/receipt", "status", "refine")
+SENT_KINDS = ("model", "errors", "status", "certificate", "refine_request")
 ROUND_PHASES = ("synthesis", "training")
 CERTIFICATE_REASONS = ("forget_request", "outdated", "irrelevant")
 FORGET_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)

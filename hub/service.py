@@ -33,6 +33,7 @@ from hub.intake import Rejected, parse_contribution, parse_evaluation, parse_sit
 from hub.learning.exact import ExactModel
 from hub.ledger import Ledger
 from hub.metrics import ROUND_PHASES, HubMetrics
+from hub.refinement import Projection, RefinedModel, Refinement
 from hub.registry import ModelRegistry, ModelVersion
 from hub.unlearning import Unlearning
 from runtime.mqtt import Bus, Message, NotConnected
@@ -105,9 +106,17 @@ class HubService:
         self.metrics.watch_ledger(self.ledger.counts_by_state)
         self.signing_key, created = signing.load_or_create_private_key(s.signing_key_path())
         self.key_id = signing.key_id(self.signing_key.public_key())
+        self.refinement: Refinement | None = None  # the closed-form refinement round (rounds.refine)
+        if s.rounds.refine and self.trainer is not None:
+            r = s.rounds
+            self.refinement = Refinement(
+                self.ledger, Projection(self.trainer.feature_map, r.refine_dim, syn.seed), self.trainer.encoder_onnx,
+                self.foundation.encoder_id, self.signing_key, s.min_group_size, s.max_payload_bytes, r.refine_wait_s,
+                s.closed_form.variant, r.refine_lam,
+            )  # fmt: skip
         self.unlearning = Unlearning(
             self.ledger, self.signing_key, s.hub_id, self.trainer, s.site_keys_dir,
-            verify_refit=s.closed_form.verify_refit, synthesizer=self.synthesizer,
+            verify_refit=s.closed_form.verify_refit, synthesizer=self.synthesizer, refinement=self.refinement,
         )  # fmt: skip
         from hub.framu.loop import FramuLoop
 
@@ -192,7 +201,7 @@ class HubService:
         """The intake handler of each site message kind the hub reads (bench/fuzz drives these directly)."""
         kinds = (
             ("embeddings", self._ingest_contribution), ("eval", self._ingest_evaluation),
-            ("forget/receipt", self._ingest_receipt),
+            ("forget/receipt", self._ingest_receipt), ("refine", self._ingest_refinement),
         )  # fmt: skip
         guarded_handlers = {kind: guarded(kind, self._from_site(apply), self._report) for kind, apply in kinds}
         # A site's status is retained by design (and its last will too): read, never refused for that.
@@ -280,6 +289,11 @@ class HubService:
             self.metrics.forget_to_receipt.observe(latency)
         return outcome
 
+    def _ingest_refinement(self, site_id: str, payload: bytes) -> Outcome:
+        if self.refinement is None:
+            raise Rejected("stale", "this hub runs no refinement round (rounds.refine is off); nothing was recorded")
+        return self.refinement.ingest(site_id, payload)
+
     def _ingest_evaluation(self, site_id: str, payload: bytes) -> Outcome:
         versions = set(self.registry.versions())
         e = parse_evaluation(payload, site_id, versions)
@@ -300,7 +314,7 @@ class HubService:
         active = self.ledger.active_ids()  # every poll: ids only, no payload parsing
         if active == (self.ledger.last_trained_set() or set()) or not active:
             self._pending_since = None
-            return None
+            return self._check_refinement(now, active)
         if self._failed is not None and self._failed[0] == active and now - self._failed[1] < ROUND_RETRY_S:
             return None  # the same contributions just failed a round: retry later, not every poll
         if self._pending_since is None:
@@ -326,6 +340,17 @@ class HubService:
             self._publish_status(self._state)
         return trigger
 
+    def _check_refinement(self, now: float, active: set[str]) -> str | None:
+        """With the contributions unchanged: a round when new refinement statistics are ready (rounds.refine)."""
+        if self.refinement is None or not active:
+            return None
+        if self._failed is not None and self._failed[0] == active and now - self._failed[1] < ROUND_RETRY_S:
+            return None
+        if not self.refinement.wants_round(now, self.ledger.active_sites()):
+            return None
+        self.ledger.request_round("refine")
+        return "refine"
+
     def run_round(self, round_id: int) -> ModelVersion | None:
         """Train on the active contributions and publish the model (and any certificate); the ledger records it."""
         contributions = [c for c in self.ledger.active() if c.labels]
@@ -337,10 +362,12 @@ class HubService:
         before = self.registry.latest()
         trigger = self.ledger.round_trigger(round_id)
         relearn = trigger == "framu" and self.framu.mode == "auto"  # same data, new weights
-        if before is not None and set(ids) == (self.ledger.last_trained_set() or set()) and not relearn:
+        refine_ids = sorted(self.refinement.active_ids()) if self.refinement is not None else None
+        refine_same = refine_ids is None or set(refine_ids) == self.ledger.last_refined_set()
+        if before is not None and set(ids) == (self.ledger.last_trained_set() or set()) and not relearn and refine_same:
             # A second `round start` with nothing new would ship an identical model under a new version.
             log.info("round %d: nothing changed since model v%d; not retrained", round_id, before.version)
-            self.ledger.finish_round(round_id, ids, before.version)
+            self.ledger.finish_round(round_id, ids, before.version, refinements=refine_ids)
             return None
         self._publish_status("training")
         self._round_id, self._progress_logged = round_id, time.monotonic()
@@ -360,16 +387,24 @@ class HubService:
             self._progress_idle()
             log.exception("round %d failed; the same contributions are retried in %d s", round_id, ROUND_RETRY_S)
             self._failed = (set(ids), time.monotonic())
-            self.ledger.finish_round(round_id, ids, None, f"{type(err).__name__}: {err}")
+            self.ledger.finish_round(round_id, ids, None, f"{type(err).__name__}: {err}", refine_ids)
             self.metrics.rounds.labels("failed").inc()
             self._publish_status("online")
             return None
+        # A refined model is solved from the sites' refinement statistics only: those are what it was trained on.
+        refined = isinstance(exact, RefinedModel)
+        trained_on = exact.trained_on if refined else ids  # type: ignore[union-attr]
         self.ledger.record_model_version(
-            version.version, version.manifest["method"], ids, exact.stats_digests if exact else None,
+            version.version, version.manifest["method"], trained_on, exact.stats_digests if exact else None,
             exact.training_digest if exact else None, json.dumps(version.manifest).encode(),
             exact.weights if exact else None,
         )  # fmt: skip
-        self.ledger.finish_round(round_id, ids, version.version)
+        self.ledger.finish_round(
+            round_id,
+            ids,
+            version.version,
+            refinements=exact.trained_on if refined else refine_ids,  # type: ignore[union-attr]
+        )
         self._progress_idle()
         self.metrics.rounds.labels("done").inc()
         self.metrics.model_version.set(version.version)
@@ -378,10 +413,13 @@ class HubService:
         # (the broker gone) loses none: they follow the model on the wire, now or when it is republished.
         v_before = before.version if before else None
         certified = [
-            c for c, _ in self.unlearning.certify(version.version, version.sha256, v_before, ids, contributions, exact)
+            c
+            for c, _ in self.unlearning.certify(
+                version.version, version.sha256, v_before, trained_on, contributions, exact
+            )
         ]
         certified += [c for c, _, _ in self.unlearning.certify_automatic(
-            version.version, version.sha256, v_before, ids, contributions, exact)]  # fmt: skip
+            version.version, version.sha256, v_before, trained_on, contributions, exact)]  # fmt: skip
         for cert in certified:
             self.metrics.certificates.labels(cert.reason).inc()
             if cert.requested_at is not None:
@@ -453,12 +491,19 @@ class HubService:
             log.info("round %d: model v%d (%d synthetic samples, %.1f s + %.1f s)", round_id, version.version,
                      len(result.synthetic.labels), result.synthesis_s, result.training_s)  # fmt: skip
             return version, None
+        if self.refinement is not None:
+            refined = self.refinement.fit({lp.label for c in contributions for lp in c.labels})
+            if refined is not None:
+                return self._publish_refined(refined, extra, round_id), refined
         # Each contribution's statistics (synthesis, then features) once, with progress; the fit then reads them.
         with_samples = sorted((c for c in contributions if c.labels), key=lambda c: c.contribution_id)
         for i, c in enumerate(with_samples):
             self.trainer.stats(c, self._checkpoint)
             self._progress("synthesis", i + 1, len(with_samples))
         exact = self.trainer.fit(contributions, self._checkpoint, weights=weights)
+        if self.refinement is not None:  # sites run its projected features for the refinement round
+            exact.onnx = self.refinement.prepare(exact.onnx)
+            extra["refinement"] = self._refinement_meta()
         self._progress("training", 1, 1)
         self._checkpoint()
         size = self.foundation.image_size
@@ -478,6 +523,32 @@ class HubService:
                  "solve %.3f s, export %.3f s)", round_id, version.version, exact.synthetic_samples,
                  t.get("statistics_s", 0), t["sum_s"], t["solve_s"], t["export_s"])  # fmt: skip
         return version, exact
+
+    def _refinement_meta(self) -> dict:
+        """What a model's registry manifest says about its feature output (hub/refinement)."""
+        assert self.refinement is not None
+        p = self.refinement.projection
+        return {"feature_key": self.refinement.feature_key, "dim": p.dim, "output": "fedge_refine_features"}
+
+    def _publish_refined(self, refined: RefinedModel, extra: dict, round_id: int) -> ModelVersion:
+        """Store the refined model as a new version (its manifest says what it was solved from)."""
+        size = self.foundation.image_size
+        meta = {
+            **extra, "method": "closed_form_exact", "labels": list(refined.label_names),
+            "input": {"name": "image", "shape": [-1, 1, size, size], "range": [0, 1]}, "output": {"name": "logits"},
+            "contributions": refined.trained_on, "statistics": refined.stats_digests,
+            "training_digest": refined.training_digest, "refinement": {
+                **self._refinement_meta(), "sites": list(refined.sites), "samples": refined.synthetic_samples},
+            "timings_s": {k: round(v, 4) for k, v in refined.timings.items()},
+            "fedavg_reference_parameters": cnn_parameters(size, len(refined.label_names)),
+        }  # fmt: skip
+        version = self.registry.publish(refined.onnx, meta)
+        t = refined.timings
+        self.metrics.training.observe(t.get("sum_s", 0.0) + t.get("solve_s", 0.0) + t.get("export_s", 0.0))
+        log.info("round %d: model v%d, refined head solved from %d sites' statistics over %d samples (sum %.3f s, "
+                 "solve %.3f s, export %.3f s)", round_id, version.version, len(refined.sites),
+                 refined.synthetic_samples, t["sum_s"], t["solve_s"], t["export_s"])  # fmt: skip
+        return version
 
     def _progress(self, phase: str, done: int, total: int) -> None:
         """A round advanced: the gauge always, a log line at the end of a phase and at most every 15 s."""
@@ -507,6 +578,11 @@ class HubService:
             self.metrics.sent_bytes.labels("model").inc(len(payload))
         self.bus.publish(self.topics.hub_model, body, retain=True)
         self.metrics.sent_bytes.labels("model").inc(len(body))
+        meta = version.manifest.get("refinement") or {}
+        if self.refinement is not None and meta.get("feature_key") == self.refinement.feature_key:
+            request = self.refinement.request(version.version, version.sha256)
+            self.bus.publish(self.topics.hub_refine, request, retain=True)
+            self.metrics.sent_bytes.labels("refine_request").inc(len(request))
         self.metrics.fedavg_round_bytes.set(manifest.fedavg_round_bytes)
         old = version.version - 2
         if old >= 1 and old in self.registry.versions():

@@ -11,13 +11,15 @@ a certificate are purged, their sha256 stays), forget_receipts (as the sites sig
 certificates (as the hub signed them), model_versions (which contributions, which statistics and,
 with FRAMU in mode auto, which weights each version was trained on), rounds, rejections, site_keys,
 decisions, automatic_unlearning (FRAMU's decisions: reason and figures), framu_rounds (attention,
-weights, reward and TD error per model version), framu_pins.
+weights, reward and TD error per model version), framu_pins, refinements (the sites' refinement statistics: ids,
+sites, the contribution each went with, payload sha256; purged like contributions when a certificate removes them).
 
 `fedge-hub audit verify DIR [--hub-key hub.pub.pem]` checks, without the hub: every certificate's
 signature (against --hub-key when given, which a DPO should take from the hub's operator rather than
 from the export), every receipt's signature against its site's pinned key, that no certificate's
 model was trained on a contribution it removed, that each certificate's training digest is the one
-recomputed from its model version's statistics, and every unpurged contribution's sha256.
+recomputed from its model version's statistics, and every unpurged contribution's (and refinement
+statistics') sha256.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from hub.ledger import Ledger, weights_from_hex
 
 TABLES = (
     "contributions", "forget_receipts", "certificates", "model_versions", "rounds", "rejections", "site_keys",
-    "decisions", "automatic_unlearning", "framu_rounds", "framu_pins",
+    "decisions", "automatic_unlearning", "framu_rounds", "framu_pins", "refinements",
 )  # fmt: skip
 
 
@@ -91,6 +93,8 @@ def verify(folder: Path, hub_public_pem: str | None = None) -> dict[str, Any]:
             "weights": weights_from_hex(v.get("weights")),
         }
     checked = {"certificates": 0, "receipts": 0, "contributions": 0}
+    if t.get("refinements"):
+        checked["refinements"] = 0
 
     for c in t["certificates"]:
         if not c["payload"]:
@@ -133,4 +137,12 @@ def verify(folder: Path, hub_public_pem: str | None = None) -> dict[str, Any]:
         elif not c.get("purged_at"):
             problems.append(f"contribution {c['contribution_id']}: payload missing but not recorded as purged")
         checked["contributions"] += 1
+
+    for r in t.get("refinements", []):
+        if r["payload"]:
+            if hashlib.sha256(r["payload"].encode()).hexdigest() != r["payload_sha256"]:
+                problems.append(f"refinement statistics {r['statistics_id']}: payload does not match its sha256")
+        elif not r.get("purged_at"):
+            problems.append(f"refinement statistics {r['statistics_id']}: payload missing but not recorded as purged")
+        checked["refinements"] += 1
     return {"checked": checked, "problems": problems, "ok": not problems}

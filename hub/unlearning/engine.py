@@ -25,6 +25,7 @@ from contract import signing
 from contract.payloads import Contribution, UnlearningCertificate
 from hub.learning.exact import ExactModel, ExactTrainer, max_abs_diff
 from hub.ledger import Ledger
+from hub.refinement import RefinedModel
 from hub.unlearning.certificates import make_certificate
 from hub.unlearning.receipts import configured_site_key, parse_receipt
 from runtime.outcomes import Outcome
@@ -44,8 +45,10 @@ class Unlearning:
         site_keys_dir: Path | None = None,
         verify_refit: bool = True,
         synthesizer=None,
+        refinement=None,
     ):
         self.ledger, self.key, self.hub_id, self.trainer = ledger, signing_key, hub_id, trainer
+        self.refinement = refinement  # hub/refinement: its statistics leave with the contribution they went with
         self.synthesizer = synthesizer  # its cache holds the removed contributions' synthetic samples
         self.site_keys_dir, self.verify_refit = site_keys_dir, verify_refit
 
@@ -60,6 +63,10 @@ class Unlearning:
                  (receipt.contribution_id or "nothing")[:8])  # fmt: skip
         return "accepted", max(0.0, (receipt.completed_at - receipt.request_issued_at).total_seconds())
 
+    def _statistics_of(self, contribution_ids: list[str]) -> list[str]:
+        """Refinement statistics that went with these contributions (none without a refining hub)."""
+        return self.refinement.removed_with(contribution_ids) if self.refinement is not None else []
+
     def wants_round(self, active: set[str], last_trained: set[str]) -> bool:
         """Whether an open receipt's contribution is still in the current model although no longer active."""
         return any(
@@ -71,6 +78,18 @@ class Unlearning:
     ) -> tuple[str, str, dict[str, float]]:
         """(method, training digest, verification figures) of a model that no longer carries `removed`."""
         verification: dict[str, float] = {"removed_in_training_set": float(len(set(trained_on) & set(removed)))}
+        if isinstance(model, RefinedModel) and self.refinement is not None:
+            # Solved from the sites' refinement statistics: the refit re-reads and re-sums every stored payload.
+            timings = model.timings
+            verification["unlearning_seconds"] = round(sum(timings.get(k, 0.0) for k in ("sum_s", "solve_s", "export_s")), 4)  # fmt: skip
+            if self.verify_refit:
+                t0 = time.perf_counter()
+                head = self.refinement.refit_from_scratch(model)
+                verification["refit_seconds"] = round(time.perf_counter() - t0, 4)
+                verification["refit_max_abs_diff"] = max_abs_diff(model.head, head)
+                verification["refit_bit_identical"] = float(model.head.digest() == head.digest())
+            verification["refinement_statistics"] = float(len(trained_on))
+            return "closed_form_exact", model.training_digest, verification
         if model is not None and self.trainer is not None:
             timings = model.timings
             verification["unlearning_seconds"] = round(sum(timings.get(k, 0.0) for k in ("sum_s", "solve_s", "export_s")), 4)  # fmt: skip
@@ -106,10 +125,11 @@ class Unlearning:
             cid = row["contribution_id"]
             if cid in trained:
                 continue
-            method, digest, verification = self._exactness(trained_on, active, model, [cid])
+            removed = sorted([cid, *self._statistics_of([cid])])
+            method, digest, verification = self._exactness(trained_on, active, model, removed)
             verification.update({f"framu_{k}": float(v) for k, v in sorted(row["figures"].items())})
             cert, body = make_certificate(
-                self.key, self.hub_id, row["reason"], [], [cid], version_before, version, model_sha256, trained_on,
+                self.key, self.hub_id, row["reason"], [], removed, version_before, version, model_sha256, trained_on,
                 digest, method, verification, None,
             )  # fmt: skip
             self.ledger.certify_unlearning(cert.certificate_id, version, body, [cid])
@@ -136,7 +156,8 @@ class Unlearning:
             self.ledger.record_certificate("not-needed", version, b"", [r["receipt_id"]], [])
         if not covered:
             return []
-        removed = sorted({r["superseded"] for r in covered})
+        superseded = sorted({r["superseded"] for r in covered})
+        removed = sorted({*superseded, *self._statistics_of(superseded)})
         method, digest, verification = self._exactness(trained_on, active, model, removed)
         requested = min(datetime.fromisoformat(r["request_issued_at"]) for r in covered)
         cert, body = make_certificate(
@@ -145,9 +166,9 @@ class Unlearning:
         )  # fmt: skip
         self.ledger.record_certificate(cert.certificate_id, version, body, [r["receipt_id"] for r in covered], removed)
         if self.trainer is not None:
-            self.trainer.forget(set(removed))
+            self.trainer.forget(set(superseded))
         if self.synthesizer is not None:
-            for cid in removed:
+            for cid in superseded:
                 self.synthesizer.forget(cid)
         log.info("certificate %s: model v%d no longer carries %s (%s)", cert.certificate_id[:8], version,
                  ", ".join(c[:8] for c in removed), ", ".join(f"{k} {v:g}" for k, v in verification.items()))  # fmt: skip

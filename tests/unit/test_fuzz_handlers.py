@@ -21,10 +21,12 @@ def test_every_generated_payload_ends_accepted_duplicate_or_rejected(tiny_bundle
         "hub/eval",
         "hub/forget/receipt",
         "hub/status",
+        "hub/refine",
         "edge/hub_status",
         "edge/model",
         "edge/errors",
         "edge/forget",
+        "edge/refine",
     }
     for handler, counts in tally.outcomes.items():
         assert sum(counts.values()) >= CASES, handler

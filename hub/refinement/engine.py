@@ -1,0 +1,155 @@
+"""The refinement round (Fed3R): sites send additive statistics of the delivered model's features; the hub solves.
+
+1. A refining hub delivers every closed-form model with a second output, the projected random
+   features (features.py), and publishes a signed, retained `RefinementRequest` on `hub/refine`
+   naming that model.
+2. Each site runs the model on its labelled training samples and sends, per label with at least
+   `min_group_size` samples, the count and the sum of its features, plus one Gram matrix Z^T Z of
+   the counted samples (`RefinementStatistics`, float32, a few tens of KB). `ingest` validates and
+   records them (ledger table `refinements`), tied to the site's active contribution.
+3. `wants_round` asks for a round once every site with an active contribution has statistics (or
+   `refine_wait_s` after the first that is not yet in a model); `fit` sums the active statistics in
+   id order and solves the class-balanced ridge head exactly (partition-invariant: the sums do not
+   care how the samples were split across sites), and writes the refined ONNX.
+4. Forgetting: a forget request supersedes the site's contribution, which takes its statistics out
+   of `active`; the next round re-solves without them, and the certificate names them among the
+   removed records (`removed_with`) and covers the digest of exactly what was solved from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from contract import signing
+from contract.payloads import RefinementRequest, new_id, now
+from hub.learning.closed_form import ClosedFormHead, solve, sum_stats
+from hub.learning.exact import ExactModel, training_digest
+from hub.ledger import Ledger
+from hub.refinement.features import OUTPUT, Projection, refined_onnx, with_feature_output
+from hub.refinement.statistics import parse_statistics, to_stats
+from runtime.outcomes import Outcome
+
+log = logging.getLogger("fedge.hub.refinement")
+
+
+@dataclass
+class RefinedModel(ExactModel):
+    """A model solved from the sites' refinement statistics (its `trained_on` are statistics ids)."""
+
+    sites: tuple[str, ...] = ()
+
+
+class Refinement:
+    """The refinement round of one hub worker: request, intake, policy, solve."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        projection: Projection,
+        encoder_onnx: Path,
+        encoder_id: str,
+        signing_key: signing.Ed25519PrivateKey,
+        min_group_size: int,
+        max_payload_bytes: int,
+        wait_s: float,
+        variant: str = "ridge-balanced",
+        lam: float = 1e-6,
+    ):
+        self.ledger, self.projection, self.encoder_onnx = ledger, projection, Path(encoder_onnx)
+        self.feature_key = projection.key(encoder_id)
+        self.key, self.min_group_size, self.max_payload_bytes = signing_key, min_group_size, max_payload_bytes
+        self.wait_s, self.variant, self.lam = wait_s, variant, lam
+        self._pending_since: float | None = None
+
+    # --- the request ---
+    def prepare(self, model_onnx: bytes) -> bytes:
+        """A closed-form model with the projected features as a second output, so sites can compute statistics."""
+        return with_feature_output(model_onnx, self.projection)
+
+    def request(self, version: int, model_sha256: str) -> bytes:
+        """The signed request naming model `version` (published retained on hub/refine)."""
+        body = {
+            "schema_version": 1, "request_id": new_id(), "created_at": now().isoformat(),
+            "feature_key": self.feature_key, "model_version": version, "model_sha256": model_sha256,
+            "output_name": OUTPUT, "dim": self.projection.dim, "min_group_size": self.min_group_size,
+        }  # fmt: skip
+        signed = signing.sign(body, self.key)
+        RefinementRequest.model_validate(signed)
+        return json.dumps(signed, separators=(",", ":")).encode()
+
+    # --- intake (paho network thread) ---
+    def ingest(self, site_id: str, payload: bytes) -> Outcome:
+        """Validate and record one site's statistics; raises Rejected (nothing recorded) when refused."""
+        st = parse_statistics(
+            payload, site_id, self.feature_key, self.projection.dim, self.min_group_size, self.max_payload_bytes
+        )
+        if not self.ledger.ingest_refinement(st, payload):
+            return "duplicate"
+        log.info("refinement statistics %s from %s: %d labels, %d samples, %d bytes", st.statistics_id[:8], site_id,
+                 len(st.labels), st.n_samples, len(payload))  # fmt: skip
+        return "accepted"
+
+    # --- policy (main thread) ---
+    def active_ids(self) -> set[str]:
+        """Statistics a refined model would be solved from now."""
+        return {sid for sid, _, _ in self.ledger.active_refinements(self.feature_key)}
+
+    def wants_round(self, now_s: float, active_sites: set[str]) -> bool:
+        """New statistics not yet in a model, from every site with an active contribution or for `wait_s` already."""
+        rows = self.ledger.active_refinements(self.feature_key)
+        ids = {sid for sid, _, _ in rows}
+        if not ids or ids == self.ledger.last_refined_set():
+            self._pending_since = None
+            return False
+        if self._pending_since is None:
+            self._pending_since = now_s
+        return active_sites <= {site for _, site, _ in rows} or now_s - self._pending_since >= self.wait_s
+
+    # --- solving ---
+    def _solve(self, payloads: dict[str, bytes], sites: dict[str, str]) -> RefinedModel:
+        from contract.payloads import RefinementStatistics
+
+        t0 = time.perf_counter()
+        stats = [to_stats(RefinementStatistics.model_validate_json(payloads[sid])) for sid in sorted(payloads)]
+        total = sum_stats(stats)
+        t1 = time.perf_counter()
+        head = solve(total, variant=self.variant, lam=self.lam)  # type: ignore[arg-type]
+        t2 = time.perf_counter()
+        digests = {s.contribution_id: s.digest() for s in stats}
+        model = RefinedModel(
+            onnx=b"", head=head, label_names=head.label_names, trained_on=sorted(digests), stats_digests=digests,
+            training_digest=training_digest(digests), synthetic_samples=total.n_samples,
+            sites=tuple(sorted({sites[sid] for sid in digests})),
+        )  # fmt: skip
+        model.timings.update(sum_s=t1 - t0, solve_s=t2 - t1)
+        return model
+
+    def fit(self, labels_needed: set[str]) -> RefinedModel | None:
+        """The refined model from the active statistics, or None when there are none or they miss a label."""
+        rows = self.ledger.active_refinements(self.feature_key)
+        if not rows:
+            return None
+        model = self._solve({sid: p for sid, _, p in rows}, {sid: site for sid, site, _ in rows})
+        missing = sorted(labels_needed - set(model.label_names))
+        if missing:
+            log.warning("refinement statistics cover no sample of label(s) %s; the synthesis model is delivered",
+                        ", ".join(missing))  # fmt: skip
+            return None
+        t = time.perf_counter()
+        model.onnx = refined_onnx(self.encoder_onnx, self.projection, model.head)
+        model.timings["export_s"] = time.perf_counter() - t
+        return model
+
+    def refit_from_scratch(self, model: RefinedModel) -> ClosedFormHead:
+        """The head solved again from the stored payloads (parsed anew, nothing cached): what a retrain gives."""
+        payloads = self.ledger.refinement_payloads(model.trained_on)
+        sites = dict.fromkeys(payloads, "")
+        return self._solve(payloads, sites).head
+
+    def removed_with(self, contribution_ids: list[str]) -> list[str]:
+        """The statistics that went with removed contributions: they leave the model with them."""
+        return self.ledger.refinements_based_on(contribution_ids)

@@ -1,0 +1,148 @@
+"""The refinement round's pure parts: the exact solve from summed site statistics, the wire payload, the ONNX
+feature output the sites run, and the ledger's records (tied to the site's active contribution)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from contract import signing
+from contract.payloads import RefinementRequest, RefinementStatistics
+from edge.contribution import make_contribution
+from edge.refine import make_statistics, projected_features, statistics
+from hub.learning.closed_form import ContributionStats, FeatureExtractor, FeatureMap, solve, sum_stats
+from hub.ledger import Ledger
+from hub.refinement.features import OUTPUT, Projection, refined_onnx, with_feature_output
+from hub.refinement.statistics import parse_statistics, to_stats
+from runtime.outcomes import Rejected
+
+KEY = "0123456789abcdef"
+
+
+def _request(dim: int, key=None) -> RefinementRequest:
+    body = {
+        "schema_version": 1, "request_id": "ab" * 16, "created_at": "2026-11-29T00:00:00Z", "feature_key": KEY,
+        "model_version": 1, "model_sha256": "00" * 32, "output_name": OUTPUT, "dim": dim, "min_group_size": 5,
+    }  # fmt: skip
+    key = key or signing.Ed25519PrivateKey.generate()
+    return RefinementRequest.model_validate(signing.sign(body, key))
+
+
+def _data(n: int = 600, dim: int = 24, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    z = rng.normal(size=(n, dim)) * 0.3 + np.eye(classes, dim)[y]
+    return z, [str(v) for v in y]
+
+
+def _head(parts: list[tuple[np.ndarray, list[str]]]):
+    stats = [ContributionStats.from_features(f"{i:032x}", KEY, z, np.array(y)) for i, (z, y) in enumerate(parts)]
+    return solve(sum_stats(stats), variant="ridge-balanced", lam=1e-6)
+
+
+def test_the_head_does_not_depend_on_how_the_samples_are_split_across_sites() -> None:
+    z, y = _data()
+    pooled = _head([(z, y)])
+    # Three sites under strong label skew: site i holds mostly class i.
+    order = np.argsort([int(v) for v in y], kind="stable")
+    cuts = np.split(order, [150, 420])
+    split = _head([(z[c], [y[i] for i in c]) for c in cuts])
+    assert split.label_names == pooled.label_names
+    assert np.abs(split.weights - pooled.weights).max() < 1e-9
+    assert np.abs(split.bias - pooled.bias).max() < 1e-9
+    # The same through the wire (float32 per site): equal up to float32 rounding of each site's sums.
+    req = _request(z.shape[1])
+    wire = []
+    for c in cuts:
+        names, counts, sums, gram = statistics(z[c], [y[i] for i in c], 5)
+        wire.append(to_stats(make_statistics("s", req, "cd" * 16, 5, names, counts, sums, gram)))
+    head = solve(sum_stats(wire), variant="ridge-balanced", lam=1e-6)
+    assert np.abs(head.weights - pooled.weights).max() < 1e-3 * np.abs(pooled.weights).max()
+
+
+def test_labels_under_the_minimum_group_are_left_out_of_every_statistic() -> None:
+    z, _ = _data(12)
+    names, counts, sums, gram = statistics(z, ["a"] * 7 + ["b"] * 4 + ["c"], 5)
+    assert names == ["a"] and counts == [7]
+    assert np.allclose(gram, z[:7].T @ z[:7]) and np.allclose(sums[0], z[:7].sum(0))
+    assert statistics(z, ["a"] * 4 + ["b"] * 8, 9) is None
+
+
+def test_the_payload_validates_and_the_hub_refuses_what_does_not_fit() -> None:
+    z, y = _data(200, dim=16)
+    req = _request(16)
+    st = make_statistics("site-a", req, "cd" * 16, 5, *statistics(z, y, 5))
+    payload = st.model_dump_json().encode()
+    again = make_statistics("site-a", req, "cd" * 16, 5, *statistics(z, y, 5))
+    assert again.statistics_id == st.statistics_id  # derived from the content
+    ok = parse_statistics(payload, "site-a", KEY, 16, 5, 1 << 16)
+    assert ok.n_samples == 200
+    for args, code in (
+        (("site-b", KEY, 16, 5), "site_mismatch"), (("site-a", "f" * 16, 16, 5), "stale"),
+        (("site-a", KEY, 32, 5), "dimension"), (("site-a", KEY, 16, 80), "group_size"),
+    ):  # fmt: skip
+        with pytest.raises(Rejected) as err:
+            parse_statistics(payload, *args, 1 << 16)
+        assert err.value.code == code
+    body = json.loads(payload)
+    body["gram"] = body["sums"]
+    with pytest.raises(Rejected) as err:
+        parse_statistics(json.dumps(body).encode(), "site-a", KEY, 16, 5, 1 << 16)
+    assert err.value.code == "invalid" and "upper triangle" in err.value.reason
+    with pytest.raises(ValueError, match="more than once"):
+        RefinementStatistics.model_validate({**json.loads(payload), "labels": ["0", "0", "2", "3"]})
+
+
+def test_the_model_outputs_the_projected_features_and_the_refined_model_scores_with_the_solved_head(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    fm = FeatureMap(dim=8, n_features=64, bandwidth=0.7, seed=3)
+    proj = Projection(fm, dim=12, seed=0)
+    images = np.random.default_rng(1).random((40, 1, 8, 8), dtype=np.float32)
+    labels = [str(i % 3) for i in range(40)]
+    phi = FeatureExtractor(tiny_bundle / "encoder.onnx", fm).features(images)
+    z = proj.transform(phi)
+    head = solve(sum_stats([ContributionStats.from_features("a" * 32, KEY, z, np.array(labels))]))
+    path = tmp_path / "refined.onnx"
+    path.write_bytes(refined_onnx(tiny_bundle / "encoder.onnx", proj, head))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits", OUTPUT]
+    logits, out = sess.run(None, {"image": images})
+    assert np.abs(out - z).max() < 1e-4
+    assert np.abs(logits - head.logits(z)).max() < 1e-3
+    assert (logits.argmax(1) == head.predict(z)).mean() > 0.95
+    # The edge reads the same output, in batches, without torch.
+    assert np.abs(projected_features(path, "image", OUTPUT, images) - z).max() < 1e-4
+    # Adding the output twice is a no-op; a model without random features cannot be refined.
+    data = path.read_bytes()
+    assert with_feature_output(data, proj) == data
+    with pytest.raises(ValueError, match="only closed-form models"):
+        with_feature_output((tiny_bundle / "encoder.onnx").read_bytes(), proj)
+
+
+def test_the_ledger_ties_statistics_to_the_sites_active_contribution(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    emb = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    c1 = make_contribution("site-a", "enc", emb, ["0"] * 10 + ["1"] * 10, k=1)
+    ledger.ingest(c1, c1.to_json_bytes())
+    z, y = _data(100, dim=6)
+    req = _request(6)
+    st = make_statistics("site-a", req, c1.contribution_id, 5, *statistics(z, y, 5))
+    payload = st.model_dump_json().encode()
+    assert ledger.ingest_refinement(st, payload) is True
+    assert ledger.ingest_refinement(st, payload) is False  # a redelivery
+    assert [r[0] for r in ledger.active_refinements(KEY)] == [st.statistics_id]
+    # The site replaces its contribution (a forget request): its statistics leave with the old one.
+    c2 = make_contribution("site-a", "enc", emb[:10], ["0"] * 10, k=1, supersedes=c1.contribution_id)
+    ledger.ingest(c2, c2.to_json_bytes())
+    assert ledger.active_refinements(KEY) == []
+    assert ledger.refinements_based_on([c1.contribution_id]) == [st.statistics_id]
+    stale = make_statistics("site-a", req, c1.contribution_id, 5, *statistics(z[:50], y[:50], 5))
+    with pytest.raises(Rejected) as err:
+        ledger.ingest_refinement(stale, stale.model_dump_json().encode())
+    assert err.value.code == "stale"
+    ledger.close()
