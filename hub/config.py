@@ -77,6 +77,17 @@ class ClosedFormSettings(BaseModel):
     verify_refit: bool = Field(
         default=True, description="Before a certificate, refit from scratch and report the difference (0 when exact)."
     )
+    synthesis: Literal["auto", "features", "images"] = Field(
+        default="auto",
+        description="What the statistics are computed from: images (the bundle's image generator, then its encoder) "
+        "or features (synthetic embeddings around the prototypes, hub/learning/feature_synthesis.py); auto: "
+        "features when the bundle has no image generator (the general bundle), else images.",
+    )
+    feature_generator: Path | None = Field(
+        default=None,
+        description="Folder of a feature generator trained on public data (hub/learning/feature_synthesis.py); "
+        "null: Gaussian sampling around the prototypes, which needs no public data.",
+    )
 
 
 class FramuSettings(BaseModel):

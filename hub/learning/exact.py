@@ -7,6 +7,12 @@ list is therefore all that forgetting it takes, and the result is bit-identical 
 scratch without it (hub/learning/closed_form.py says why). `refit_from_scratch` recomputes every
 statistic from the synthetic images instead of the cache: the verification an unlearning
 certificate reports.
+
+With a bundle that has no image generator (the general bundle), or when configured
+(`closed_form.synthesis: features`), the synthesizer is a `FeatureSynthesizer`
+(hub/learning/feature_synthesis.py): each contribution's statistics are then the random features of
+its synthetic embeddings, seeded by its id and the configured seed like image synthesis, so
+forgetting is still dropping its statistics.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,7 +38,10 @@ from hub.learning.closed_form import (
     sum_stats,
     to_onnx,
 )
-from hub.synthesis import Synthesizer
+from hub.learning.feature_synthesis import FeatureSynthesizer
+
+if TYPE_CHECKING:  # hub.synthesis brings torch; a feature-space hub need not load it
+    from hub.synthesis import Synthesizer
 
 
 @dataclass(frozen=True)
@@ -80,11 +90,13 @@ def training_digest(stats_digests: dict[str, str], weights: Mapping[str, float] 
 class ExactTrainer:
     """Fits the closed-form model over a bundle's fp32 encoder from contributions, caching their statistics."""
 
-    def __init__(self, synthesizer: Synthesizer, encoder_onnx: Path, config: ExactConfig, stats_dir: Path):
+    def __init__(
+        self, synthesizer: Synthesizer | FeatureSynthesizer, encoder_onnx: Path, config: ExactConfig, stats_dir: Path
+    ):
         fm = synthesizer.foundation
         self.synthesizer, self.encoder_onnx, self.config = synthesizer, Path(encoder_onnx), config
         self.feature_map = FeatureMap(fm.dim, config.n_features, config.bandwidth, config.seed)
-        self.extractor = FeatureExtractor(self.encoder_onnx, self.feature_map, threads=config.threads)
+        self._extractor: FeatureExtractor | None = None  # images -> features; unused in feature space
         # Statistics depend on the synthesis settings too: a different synthesis config is another cache.
         self.stats_dir = Path(stats_dir) / f"{self.feature_map.key()}-{synthesizer.config.key()}"
         self.stats_dir.mkdir(parents=True, exist_ok=True)
@@ -92,8 +104,26 @@ class ExactTrainer:
     def _path(self, contribution_id: str) -> Path:
         return self.stats_dir / f"{contribution_id}.npz"
 
+    @property
+    def feature_space(self) -> bool:
+        """True when statistics come from synthetic embeddings (feature-space synthesis), not images."""
+        return isinstance(self.synthesizer, FeatureSynthesizer)
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        """The hub's encoder session for synthetic images (opened on first use)."""
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.encoder_onnx, self.feature_map, threads=self.config.threads)
+        return self._extractor
+
     def compute_stats(self, c: Contribution, checkpoint: Callable[[], None] | None = None) -> ContributionStats:
         """Statistics of one contribution from its (cached) synthesis, never from the statistics cache."""
+        if isinstance(self.synthesizer, FeatureSynthesizer):
+            syn = self.synthesizer.synthesize(c, checkpoint)
+            if checkpoint is not None:
+                checkpoint()
+            features = self.feature_map.transform(syn.embeddings)
+            return ContributionStats.from_features(c.contribution_id, self.feature_map.key(), features, syn.labels)
         synthetic = self.synthesizer.synthesize(c, checkpoint)
         if checkpoint is not None:
             checkpoint()
