@@ -263,7 +263,7 @@ def write_site_data(root: Path, n_sites: int, alpha: float, seed: int, data=None
 def run_demo(
     workdir: Path, n_sites: int = 3, alpha: float = 0.3, k: int = 4, seed: int = 0, timeout_s: float = 600,
     keep_running: bool = False, broker: str = "auto", ports: dict[str, int] | None = None,
-    while_running: Callable[[dict], None] | None = None, log=print, forget: bool = True,
+    while_running: Callable[[dict], None] | None = None, log=print, forget: bool = True, refine: bool = False,
 ) -> dict:  # fmt: skip
     """Run the demo in `workdir` (wiped first) and return its figures.
 
@@ -290,7 +290,7 @@ def run_demo(
         b = broker.settings().model_dump(exclude_none=True)
         operator = signing.write_keypair(workdir / "keys" / "operator.pem")  # who may ask the sites to forget
         hub_conf = {"state_dir": str(workdir / "hub"), "broker": b, "metrics_host": "127.0.0.1", "metrics_port": ports["hub"],
-                    "rounds": {"min_sites": n_sites}, "synthesis": {"seed": seed}}  # fmt: skip
+                    "rounds": {"min_sites": n_sites, "refine": refine}, "synthesis": {"seed": seed}}  # fmt: skip
         (workdir / "hub.yaml").write_text(_yaml(hub_conf))
         services.start("hub", ["hub.cli", "run", "--config", str(workdir / "hub.yaml")], workdir / "logs" / "hub.log")
         for s in sites:
@@ -307,7 +307,8 @@ def run_demo(
 
         t0, seen = time.monotonic(), set()
         phases = RoundPhases(ports["hub"], log, t0)
-        while not observer.done(sites):
+        # With refinement the sites' statistics make a second, refined model: the demo waits for that one.
+        while not observer.done(sites) or (refine and (observer.manifest is None or observer.manifest.version < 2)):
             services.check()
             if time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"no model delivered to every site within {timeout_s:.0f} s; see {workdir / 'logs'}")
@@ -320,9 +321,14 @@ def run_demo(
                     log(
                         f"{time.monotonic() - t0:6.1f} s  {s}: contribution acknowledged ({st.bytes_sent.get('embeddings', 0):,} B of prototypes)"
                     )
+                if "refine" in st.bytes_sent and (s, "r") not in seen and st.outbox_depth == 0:
+                    seen.add((s, "r"))
+                    log(
+                        f"{time.monotonic() - t0:6.1f} s  {s}: refinement statistics acknowledged ({st.bytes_sent['refine']:,} B)"
+                    )
             m = observer.manifest
-            if m is not None and "m" not in seen:
-                seen.add("m")
+            if m is not None and ("m", m.version) not in seen:
+                seen.add(("m", m.version))
                 log(
                     f"{time.monotonic() - t0:6.1f} s  hub: model v{m.version} published ({m.size_bytes:,} B ONNX in {len(m.chunks)} chunks)"
                 )
@@ -343,7 +349,7 @@ def run_demo(
         for s in sites:
             st, e = observer.statuses[s], observer.evals[(s, m.version)]
             rows.append({"site_id": s, "samples": st.samples, "held_out": e.samples,
-                         "bytes_sent": sum(st.bytes_sent.get(x, 0) for x in ("embeddings", "eval")),
+                         "bytes_sent": sum(st.bytes_sent.get(x, 0) for x in ("embeddings", "eval", "refine")),
                          "bytes_sent_embeddings": st.bytes_sent.get("embeddings", 0),
                          "bytes_received": sum(st.bytes_received.values()), "local_accuracy": e.accuracy,
                          "encoder": st.encoder.model_dump() if st.encoder else None})  # fmt: skip
@@ -457,7 +463,7 @@ def print_table(result: dict) -> None:
     print(
         f"global test accuracy:            {result['global_test_accuracy']:.1%}  (model v{result['first_model_version']})"
     )
-    print(f"bytes sent per site:             {sent:,.0f} B (prototypes + evaluation); no image left a site")
+    print(f"bytes sent per site:             {sent:,.0f} B (prototypes, evaluation and any refinement statistics); no image left a site")
     print(f"traffic per site, up and down:   {both:,.0f} B (the signed model is most of it)")
     print(f"FedAvg, 50 rounds of the CNN:    {fed:,} B per site, up and down ({fed / both:,.1f}x that traffic, "
           f"{fed / sent:,.0f}x the upload)")  # fmt: skip
@@ -511,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto: Mosquitto when installed, else the embedded Python broker")  # fmt: skip
     ap.add_argument("--keep-running", action="store_true", help="leave the services up until Ctrl-C or SIGTERM")
     ap.add_argument("--no-forget", action="store_true", help="skip the forget request after the first model")
+    ap.add_argument("--refine", action="store_true", help="run the closed-form refinement round (rounds.refine)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds each phase may take before the demo gives up")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = ap.parse_args(argv)
@@ -521,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         result = run_demo(args.workdir, k=args.k, keep_running=args.keep_running, broker=args.broker,
-                          forget=not args.no_forget, timeout_s=args.timeout)  # fmt: skip
+                          forget=not args.no_forget, timeout_s=args.timeout, refine=args.refine)  # fmt: skip
     except KeyboardInterrupt:
         print("demo stopped before it finished; its services are stopped", file=sys.stderr)
         return 130

@@ -426,7 +426,8 @@ class HubService:
                 self.metrics.forget_to_certificate.observe((cert.issued_at - cert.requested_at).total_seconds())
             if exact is not None:
                 self.metrics.unlearning_seconds.observe(cert.verification.get("unlearning_seconds", 0.0))
-        self.framu.after_round(version.version, weights, attention, contributions, trigger or "")
+        # FRAMU's weights shape the synthesis model only; a refined model is solved from the statistics unweighted.
+        self.framu.after_round(version.version, None if refined else weights, attention, contributions, trigger or "")
         self.deliver(version)
         self.metrics.round_seconds.observe(time.perf_counter() - started)
         self._publish_certificates(version.version)
@@ -533,6 +534,8 @@ class HubService:
     def _publish_refined(self, refined: RefinedModel, extra: dict, round_id: int) -> ModelVersion:
         """Store the refined model as a new version (its manifest says what it was solved from)."""
         size = self.foundation.image_size
+        if "framu" in extra:
+            extra = {**extra, "framu": {**extra["framu"], "weights": None}}  # not applied to the statistics
         meta = {
             **extra, "method": "closed_form_exact", "labels": list(refined.label_names),
             "input": {"name": "image", "shape": [-1, 1, size, size], "range": [0, 1]}, "output": {"name": "logits"},

@@ -146,3 +146,13 @@ def test_the_ledger_ties_statistics_to_the_sites_active_contribution(tmp_path: P
         ledger.ingest_refinement(stale, stale.model_dump_json().encode())
     assert err.value.code == "stale"
     ledger.close()
+
+
+def test_refinement_needs_the_closed_form_model() -> None:
+    from pydantic import ValidationError
+
+    from hub.config import HubSettings
+
+    assert HubSettings(rounds={"refine": True}).rounds.refine_dim == 96
+    with pytest.raises(ValidationError, match="rounds.refine needs model closed_form"):
+        HubSettings(rounds={"refine": True}, model="cnn")
