@@ -44,8 +44,8 @@ bench: $(STAMP)
 
 # Rebuild the committed foundation models (digits about 12 min, mnist about 25 min on 2 cores).
 bundled: $(STAMP)
-	$(BIN)/fedge-hub foundation train --dataset digits
-	$(BIN)/fedge-hub foundation train --dataset mnist
+	$(BIN)/fedge-hub foundation train --dataset digits --out bundled/digits
+	$(BIN)/fedge-hub foundation train --dataset mnist --out bundled/mnist
 
 # The general edge encoder bundle (docs/general-encoder.md), built outside the repository (about 20 s on 2 cores).
 GENERAL_OUT ?= $(HOME)/.cache/fedge/bundles/general

@@ -59,11 +59,8 @@ def fit_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def scan(data_dir: Path) -> list[LocalSample]:
-    """Every sample under `data_dir`, sorted by label then id."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"data folder {data_dir} does not exist")
+def _metadata(data_dir: Path) -> tuple[dict[str, datetime], dict[str, str]]:
+    """(timestamps, captions) by sample id from `data_dir/metadata.csv`, empty when there is none."""
     stamps: dict[str, datetime] = {}
     captions: dict[str, str] = {}
     meta = data_dir / "metadata.csv"
@@ -75,13 +72,40 @@ def scan(data_dir: Path) -> list[LocalSample]:
                     stamps[row["sample_id"]] = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
                 if row.get("caption"):
                     captions[row["sample_id"]] = row["caption"].strip()
+    return stamps, captions
+
+
+def _samples_in(folder: Path, label: str, stamps: dict[str, datetime], captions: dict[str, str]) -> list[LocalSample]:
+    """The image files directly in `folder`, sorted by id, all given `label`."""
+    out = []
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix.lower() in SUFFIXES:
+            ts = stamps.get(f.stem) or datetime.fromtimestamp(f.stat().st_mtime, UTC)
+            out.append(LocalSample(f.stem, label, f, ts, captions.get(f.stem)))
+    return out
+
+
+def scan(data_dir: Path) -> list[LocalSample]:
+    """Every sample under `data_dir`, sorted by label then id."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data folder {data_dir} does not exist")
+    stamps, captions = _metadata(data_dir)
     out = []
     for label_dir in sorted(p for p in data_dir.iterdir() if p.is_dir()):
-        for f in sorted(label_dir.iterdir()):
-            if f.is_file() and f.suffix.lower() in SUFFIXES:
-                ts = stamps.get(f.stem) or datetime.fromtimestamp(f.stat().st_mtime, UTC)
-                out.append(LocalSample(f.stem, label_dir.name, f, ts, captions.get(f.stem)))
+        out += _samples_in(label_dir, label_dir.name, stamps, captions)
     return out
+
+
+def scan_flat(data_dir: Path) -> list[LocalSample]:
+    """The images directly in `data_dir` (an unlabelled folder: no label subfolders), sorted by id, label "".
+
+    Only a hub-side public folder may be unlabelled; a site's folder always has labels (`scan`).
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data folder {data_dir} does not exist")
+    return _samples_in(data_dir, "", *_metadata(data_dir))
 
 
 def load_images(samples: list[LocalSample]) -> np.ndarray:

@@ -9,7 +9,28 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.layout import load_images, scan
+from contract.layout import LocalSample, fit_image, read_image, scan
+
+
+def read_fitted(samples: list[LocalSample], size: int) -> tuple[list[LocalSample], np.ndarray, int]:
+    """(readable samples, their images [N, 1, size, size], how many were resized), as the edge service reads them.
+
+    Luminance (contract.layout.read_image), then the whole image resized to the encoder's input
+    (contract.layout.fit_image); a file that cannot be read is named on stderr and skipped.
+    """
+    kept, images, resized = [], [], 0
+    for s in samples:
+        try:
+            im = read_image(s.path)
+            if im.shape != (size, size):
+                im = fit_image(im, size)
+                resized += 1
+        except (OSError, ValueError) as err:
+            print(f"warning: skipping {s.path}: {err}", file=sys.stderr)
+            continue
+        kept.append(s)
+        images.append(im)
+    return kept, (np.stack(images)[:, None] if images else np.zeros((0, 1, size, size), np.float32)), resized
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -17,19 +38,17 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from edge.contribution import make_contribution
     from edge.encoder import choose_encoder
 
-    samples = scan(args.data)
-    if not samples:
+    found = scan(args.data)
+    if not found:
         print(f"error: no samples under {args.data} (expected <label>/<sample_id>.png|jpg|npy)", file=sys.stderr)
         return 2
-    images = load_images(samples)
     import bundled
 
     bundle = bundled.resolve(args.bundle)
     size = int(json.loads((bundle / "manifest.json").read_text())["image_size"])
-    if images.shape[-2:] != (size, size):
-        print(
-            f"error: images are {images.shape[-2]}x{images.shape[-1]}, encoder expects {size}x{size}", file=sys.stderr
-        )
+    samples, images, resized = read_fitted(found, size)
+    if not samples:
+        print(f"error: none of the {len(found)} files under {args.data} could be read as an image", file=sys.stderr)
         return 2
     choice = choose_encoder(bundle, images[:64])
     emb = choice.encoder.encode(images)
@@ -38,14 +57,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
     )
     payload = contribution.to_json_bytes()
     args.out.write_bytes(payload)
-    print(json.dumps({"samples": len(samples), "bytes": len(payload), "labels": len(contribution.labels),
+    print(json.dumps({"samples": len(samples), "resized": resized, "skipped": len(found) - len(samples),
+                      "bytes": len(payload), "labels": len(contribution.labels),
                       "contribution_id": contribution.contribution_id, "encoder": choice.status()}, indent=1))  # fmt: skip
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify images with a delivered global model: `--model FILE` (manifest.json beside it) or the installed one."""
-    from contract.layout import fit_image, read_image
     from edge.models import GlobalModel, ModelStore
 
     if args.model is not None:
@@ -225,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `fedge-edge`."""
     ap = argparse.ArgumentParser(prog="fedge-edge", description="fedge site: encode local data, publish prototypes")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    enc = sub.add_parser("encode", help="encode a data folder into a contribution JSON file")
+    enc = sub.add_parser(
+        "encode",
+        help="encode a data folder into a contribution JSON file (images of any size and colour are converted to "
+        "luminance and resized, the whole image, to the encoder's input, as the site service does)",
+    )
     enc.add_argument("--data", type=Path, required=True, help="folder <label>/<sample_id>.<png|jpg|npy>")
     enc.add_argument("--site-id", required=True)
     enc.add_argument("--bundle", default="digits", help="bundled model name or bundle directory")

@@ -221,11 +221,32 @@ def foundation_train_parser() -> argparse.ArgumentParser:
     """Arguments of `fedge-hub foundation train` (here, so that --help does not load torch)."""
     ap = argparse.ArgumentParser(
         prog="fedge-hub foundation train",
-        description="Train the bundled foundation model (encoder and generator) on the public split only.",
+        description="Train a foundation model (SimCLR encoder and embedding-conditioned generator; neither sees a "
+        "label). digits and mnist train on their protocol's public split; a folder is public as a whole, labelled "
+        "(<label>/<sample>) or flat (images directly in it). Of a folder with two or more labels, --quality-holdout "
+        "(10 %, at least 5 images per label) is held back for the quality estimate; everything else trains. "
+        "Image sides: 8, 10, 12, 14, 16, 20, 24, 28, 32 (others: --image-size). See docs/foundation.md.",
     )
-    ap.add_argument("--dataset", default="digits", help="digits, mnist (14x14), or a folder <label>/<sample>")
-    ap.add_argument("--out", type=Path, help="bundle directory (default: bundled/<dataset>)")
-    ap.add_argument("--name", help="bundle name used in the encoder id (default: the dataset name)")
+    ap.add_argument("--dataset", default="digits", help="digits, mnist (14x14), or a folder <label>/<sample> or flat")
+    ap.add_argument(
+        "--out", type=Path,
+        help="bundle directory (default: ~/.cache/fedge/bundles/<name>, outside the repository)",
+    )  # fmt: skip
+    ap.add_argument("--name", help="bundle name used in the encoder id (default: the dataset or folder name)")
+    ap.add_argument(
+        "--image-size", type=int, metavar="S",
+        help="resize every image to S x S first, the whole image as edges do (contract.layout.fit_image)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--time-budget", type=float, metavar="SECONDS",
+        help="stop training (encoder at most 20 %%, then the generator) at this many seconds and save; the "
+        "schedules are planned over the steps it affords. Export and the quality estimate come after it",
+    )  # fmt: skip
+    ap.add_argument(
+        "--quality-holdout", type=float, default=0.1, metavar="FRAC",
+        help="share of each label held back from training for the quality estimate (default 0.1, at least 5 "
+        "images per label, at most half; 0: none, no score). Nothing is held back without two labels",
+    )  # fmt: skip
     ap.add_argument("--diffusion-steps", type=int, help="override the recipe's generator steps")
     ap.add_argument("--simclr-steps", type=int, help="override the recipe's encoder steps")
     ap.add_argument("--seed", type=int, default=0)
@@ -259,16 +280,24 @@ def cmd_foundation_train(args: argparse.Namespace, command: str) -> int:
     """Train a foundation bundle (torch is imported here, after the arguments are parsed)."""
 
     size_pools(args.threads or DEFAULT_THREADS, import_torch=True)
-    from hub.foundation.train import train_from_args
+    from hub.foundation.train import FoundationError, train_from_args
 
-    return train_from_args(args, command)
+    try:
+        return train_from_args(args, command)
+    except FoundationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def cmd_foundation_evaluate(args: argparse.Namespace, command: str) -> int:
     """Recompute a bundle's quality section."""
-    from hub.foundation.train import evaluate_from_args
+    from hub.foundation.train import FoundationError, evaluate_from_args
 
-    return evaluate_from_args(args, command)
+    try:
+        return evaluate_from_args(args, command)
+    except (FoundationError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def cmd_export_encoders(args: argparse.Namespace) -> int:
@@ -280,9 +309,24 @@ def cmd_export_encoders(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(argv: list[str]) -> int:
+    """`fedge-hub evaluate`: fedge and the baselines on one's own folders (bench/folders.py, in a source checkout)."""
+    try:
+        from bench.folders import main as evaluate_main
+    except ModuleNotFoundError as err:
+        if err.name != "bench":
+            raise
+        print("error: fedge-hub evaluate runs bench/folders.py from a source checkout: run it in the repository root",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    return evaluate_main(argv, prog="fedge-hub evaluate")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `fedge-hub`."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate"]:
+        return cmd_evaluate(argv[1:])
     if argv[:1] == ["export-encoders"]:
         return cmd_export_encoders(export_encoders_parser().parse_args(argv[1:]))
     if argv[:1] == ["demo-data"]:
@@ -317,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         help="Stable Diffusion's CLIP encoders to ONNX for the edges: `fedge-hub export-encoders --help`",
     )
     sub.add_parser("demo-data", help="write the demo sites' data folders: `fedge-hub demo-data --help`")
+    sub.add_parser("evaluate", help="fedge and the baselines on your own folders: `fedge-hub evaluate --help`")
     tr = sub.add_parser("train", help="run one round from contribution JSON files")
     tr.add_argument("contributions", nargs="+", type=Path)
     tr.add_argument("--bundle", default="digits")

@@ -14,6 +14,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from hub.foundation.budget import StepBudget
+
 
 class ConvEncoder(ModelMixin, ConfigMixin):
     """Small CNN: [N, 1, S, S] in [0, 1] -> unit-norm embedding [N, dim]."""
@@ -80,14 +82,22 @@ def train_simclr(
     temperature: float = 0.2,
     seed: int = 0,
     log_every: int = 250,
+    budget: StepBudget | None = None,
 ) -> ConvEncoder:
-    """Train a ConvEncoder on unlabelled `images` [N, 1, S, S] with SimCLR."""
+    """Train a ConvEncoder on unlabelled `images` [N, 1, S, S] with SimCLR.
+
+    `budget` (hub/foundation/budget.py, for `steps`) stops it at a time limit, its cosine schedule
+    planned over the steps the limit affords; the caller reads the steps done from it.
+    """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     enc = ConvEncoder(image_size=images.shape[-1], dim=dim, channels=channels)
     proj = nn.Sequential(nn.Linear(dim, 128), nn.ReLU(), nn.Linear(128, 64))
     opt = torch.optim.AdamW([*enc.parameters(), *proj.parameters()], lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    if budget is None:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    else:  # the same cosine, over the steps the time limit affords
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * budget.progress(s))))
     data = torch.from_numpy(images)
     enc.train()
     for step in range(steps):
@@ -98,8 +108,11 @@ def train_simclr(
         loss.backward()
         opt.step()
         sched.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
+        going = budget is None or budget.advance()
+        if log_every and (step % log_every == 0 or step == steps - 1 or not going):
             print(f"  simclr step {step:5d}/{steps} loss {loss.item():.4f}", flush=True)
+        if not going:
+            break
     return enc.eval()
 
 

@@ -21,6 +21,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from hub.foundation.budget import StepBudget
+
 
 class PrototypeConditionedUNet(ModelMixin, ConfigMixin):
     """UNet2DModel conditioned on a unit-norm embedding [N, cond_dim]; a learned null for CFG."""
@@ -87,21 +89,27 @@ def train_generator(
     log_every: int = 250,
     time_budget_s: float | None = None,
 ) -> tuple[PrototypeConditionedUNet, int]:
-    """Train `model` to denoise `images` [N,1,S,S] in [0,1] given `embeddings` [N,D]. Returns (EMA model, steps done)."""
+    """Train `model` to denoise `images` [N,1,S,S] in [0,1] given `embeddings` [N,D]. Returns (EMA model, steps done).
+
+    With `time_budget_s` the run stops at that many seconds; its cosine schedule is planned over the
+    steps the budget affords at the measured rate (hub/foundation/budget.py), so it still decays.
+    """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sched = training_scheduler()
     x0_all = torch.from_numpy(images) * 2 - 1
     e_all = torch.from_numpy(embeddings)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    warmup = min(200, steps // 10)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))
-    )
+    budget = StepBudget(steps, time_budget_s)
+
+    def lr_factor(s: int) -> float:
+        warmup = min(200, budget.planned // 10)
+        return min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + np.cos(np.pi * budget.progress(s)))
+
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ema = EMAModel(model.parameters(), decay=0.999)
     model.train()
     start = time.perf_counter()
-    done = 0
     for step in range(steps):
         idx = torch.randint(0, len(x0_all), (batch_size,), generator=gen)
         x0, e = x0_all[idx], e_all[idx]
@@ -116,15 +124,18 @@ def train_generator(
         opt.step()
         lr_sched.step()
         ema.step(model.parameters())
-        done = step + 1
-        if log_every and (step % log_every == 0 or done == steps):
-            rate = done / (time.perf_counter() - start)
-            print(f"  diffusion step {step:5d}/{steps} loss {loss.item():.4f} ({rate:.1f} steps/s)", flush=True)
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
-            print(f"  time budget reached after {done} steps", flush=True)
+        going = budget.advance()
+        if log_every and (step % log_every == 0 or not going):
+            rate = budget.done / (time.perf_counter() - start)
+            print(
+                f"  diffusion step {step:5d}/{budget.planned} loss {loss.item():.4f} ({rate:.1f} steps/s)", flush=True
+            )
+        if not going:
             break
+    if budget.stopped_by_budget:
+        print(f"  time budget of {time_budget_s:g} s reached after {budget.done} of {steps} steps", flush=True)
     ema.copy_to(model.parameters())
-    return model.eval(), done
+    return model.eval(), budget.done
 
 
 @torch.no_grad()

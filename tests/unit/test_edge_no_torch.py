@@ -49,17 +49,6 @@ def test_encoding_a_data_folder_loads_no_torch(tmp_path: Path) -> None:
     assert out.is_file()
 
 
-def test_encode_refuses_images_of_the_wrong_size(tmp_path: Path, capsys) -> None:
-    from edge.cli import main
-
-    (tmp_path / "a").mkdir()
-    for i in range(5):
-        np.save(tmp_path / "a" / f"x{i}.npy", np.zeros((12, 12), np.float32))
-    assert main(["encode", "--data", str(tmp_path), "--site-id", "s1", "--out", str(tmp_path / "c.json")]) == 2
-    assert "images are 12x12, encoder expects 8x8" in capsys.readouterr().err
-    assert not (tmp_path / "c.json").exists()
-
-
 def test_the_edge_service_path_loads_no_torch(tmp_path: Path) -> None:
     # Prepare: a data folder; the service is built and does its local work (index, encode, contribute).
     rng = np.random.default_rng(0)
