@@ -30,7 +30,7 @@ import onnx
 import scipy.linalg
 from onnx import TensorProto, helper, numpy_helper
 
-from edge.encoder import OnnxEncoder
+from edge.encoder import InputSpec, OnnxEncoder
 from runtime.files import fsync_write
 
 if TYPE_CHECKING:  # hub.synthesis brings torch; the algorithm itself needs only numpy and onnxruntime
@@ -367,6 +367,38 @@ def solve(
     return ClosedFormHead(sol[:d], sol[d], names, variant, lam, total.digest())
 
 
+def _take_site_images(graph: onnx.GraphProto, spec: InputSpec) -> None:
+    """Prepend the bundle's input step (edge/encoder.py InputSpec.prepare) so the model takes site images [N, 1, S, S].
+
+    The general bundle's encoder wants normalised RGB; the edge runs delivered models on its grayscale
+    images in [0, 1] as they are, so the replication and (x - mean) / std become the graph's first nodes.
+    """
+    if spec.identity:
+        return
+    old = graph.input[0]
+    inner = "fedge_encoder_input"
+    for node in graph.node:
+        node.input[:] = [inner if name == old.name else name for name in node.input]
+    dims = [d.dim_param or d.dim_value or None for d in old.type.tensor_type.shape.dim]
+    pre = [helper.make_node("Concat", [old.name] * spec.channels, ["fedge_channels"], axis=1)]
+    last = "fedge_channels"
+    if spec.mean is not None and spec.std is not None:
+        shape = (1, spec.channels, 1, 1)
+        graph.initializer.extend([
+            numpy_helper.from_array(np.asarray(spec.mean, np.float32).reshape(shape), "fedge_input_mean"),
+            numpy_helper.from_array(np.asarray(spec.std, np.float32).reshape(shape), "fedge_input_std"),
+        ])  # fmt: skip
+        pre += [helper.make_node("Sub", [last, "fedge_input_mean"], ["fedge_centred"]),
+                helper.make_node("Div", ["fedge_centred", "fedge_input_std"], [inner])]  # fmt: skip
+    else:
+        pre[0].output[:] = [inner]
+    nodes = [*pre, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    site = helper.make_tensor_value_info(old.name, TensorProto.FLOAT, [dims[0], 1, *dims[2:]])
+    graph.input[0].CopyFrom(site)
+
+
 def to_onnx(encoder_onnx: Path, feature_map: FeatureMap, head: ClosedFormHead) -> bytes:
     """One ONNX model: `image` [N, 1, S, S] -> encoder -> random features -> head -> `logits` [N, C], float32.
 
@@ -378,6 +410,7 @@ def to_onnx(encoder_onnx: Path, feature_map: FeatureMap, head: ClosedFormHead) -
     if len(graph.output) != 1:
         raise ValueError(f"{encoder_onnx}: expected an encoder with one output, got {len(graph.output)}")
     emb = graph.output[0].name
+    _take_site_images(graph, InputSpec.for_bundle(Path(encoder_onnx).parent))
     w, b = feature_map.params
     inits = {
         "fedge_rff_w": w,

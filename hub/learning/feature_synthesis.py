@@ -482,3 +482,44 @@ def synthesizer_for_bundle(
     bundle = load_encoder_bundle(bundle_dir)
     cfg = config or FeatureSynthesisConfig(seed=seed)
     return FeatureSynthesizer(bundle, cfg, load_generator(generator_dir, bundle.encoder_id))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hub.learning.feature_synthesis --bundle DIR --public FOLDER --out DIR`: train a feature generator."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(
+        prog="python -m hub.learning.feature_synthesis",
+        description="Train a feature-space generator from an unlabelled (flat or nested) folder of public images, "
+        "encoded with the bundle's encoder. Without public data, configure no generator: the hub samples "
+        "Gaussians around the prototypes.",
+    )
+    ap.add_argument("--bundle", type=Path, required=True, help="bundle folder (its encoder.onnx and manifest.json)")
+    ap.add_argument("--public", type=Path, required=True, help="folder of public images (labels, if any, ignored)")
+    ap.add_argument("--out", type=Path, required=True, help="generator folder to write")
+    ap.add_argument("--kind", choices=("covariance", "diffusion"), default="covariance")
+    ap.add_argument("--shrinkage", type=float, default=0.2, help="covariance: weight of the identity")
+    ap.add_argument("--time-budget-s", type=float, default=900.0, help="diffusion: training time limit (wall)")
+    ap.add_argument("--max-steps", type=int, default=DiffusionTraining.max_steps, help="diffusion: training steps")
+    ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    t0 = time.perf_counter()
+    bundle = load_encoder_bundle(args.bundle)
+    try:
+        emb = encode_folder(args.public, args.bundle, threads=args.threads)
+        training = DiffusionTraining(max_steps=args.max_steps, time_budget_s=args.time_budget_s, threads=args.threads,
+                                     seed=args.seed)  # fmt: skip
+        gen = train_generator(args.kind, emb, args.seed, shrinkage=args.shrinkage, training=training)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    save_generator(gen, args.out, bundle.encoder_id)
+    print(json.dumps({"out": str(args.out), "kind": gen.kind, "public_images": len(emb), "digest": gen.digest(),
+                      "wall_s": round(time.perf_counter() - t0, 1), **getattr(gen, "info", {})}, default=str))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

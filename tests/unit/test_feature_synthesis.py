@@ -185,3 +185,59 @@ def test_exact_trainer_in_feature_space_forgets_by_dropping_statistics(
     x_eval, y_eval = embeddings(200, 42)
     pred = np.array(full.label_names)[full.head.predict(trainer.feature_map.transform(x_eval))]
     assert (pred == y_eval).mean() > 0.8
+
+
+def test_command_trains_a_generator_from_a_flat_folder_and_refuses_an_empty_one(
+    encoder_only: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hub.learning.feature_synthesis import main
+
+    public = tmp_path / "public"
+    public.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(30):
+        np.save(public / f"{i}.npy", rng.random((8, 8)).astype(np.float32))
+    out = tmp_path / "gen"
+    args = ["--bundle", str(encoder_only), "--public", str(public), "--out", str(out), "--threads", "1"]
+    assert main([*args, "--kind", "covariance"]) == 0
+    gen = load_generator(out, load_encoder_bundle(encoder_only).encoder_id)
+    assert isinstance(gen, CovarianceGenerator) and gen.factor.shape == (DIM, DIM)
+    (tmp_path / "empty").mkdir()
+    assert main([*args[:2], "--public", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
+    assert "no image" in capsys.readouterr().err
+
+
+def test_delivered_model_over_an_rgb_encoder_takes_site_images(tmp_path: Path) -> None:
+    """A bundle whose encoder wants normalised RGB (the general bundle) still delivers a model fed [N, 1, S, S]."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge.encoder import OnnxEncoder
+    from hub.learning.closed_form import ClosedFormHead, FeatureMap, to_onnx
+
+    # Arrange: a real 3-channel encoder (1x1 conv, pooled, normalised) with the general bundle's input section
+    w = np.random.default_rng(0).normal(size=(DIM, 3, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["conv"]),
+         helper.make_node("Relu", ["conv"], ["relu"]),
+         helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+         helper.make_node("Flatten", ["pool"], ["flat"]),
+         helper.make_node("LpNormalization", ["flat"], ["embedding"], axis=1, p=2)],
+        "rgb", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", DIM])], [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "encoder.onnx")
+    spec = {"channels": 3, "mean": [0.2, 0.4, 0.6], "std": [0.5, 0.25, 1.0]}
+    (tmp_path / "manifest.json").write_text(json.dumps({"encoder_id": "rgb-x", "embedding_dim": DIM, "input": spec}))
+    fm = FeatureMap(DIM, 32, 0.7, 0)
+    rng = np.random.default_rng(1)
+    head = ClosedFormHead(rng.normal(size=(32, 2)), rng.normal(size=2), ("a", "b"), "ridge", 1e-6, "x")
+    images = rng.random((5, 1, 8, 8), dtype=np.float32)
+    # Act
+    model = ort.InferenceSession(to_onnx(tmp_path / "encoder.onnx", fm, head), providers=["CPUExecutionProvider"])
+    logits = model.run(None, {"image": images})[0]
+    expected = head.logits(fm.transform(OnnxEncoder(tmp_path / "encoder.onnx", prefer_cuda=False).encode(images)))
+    # Assert
+    assert model.get_inputs()[0].shape == ["N", 1, 8, 8]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
