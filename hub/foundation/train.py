@@ -349,6 +349,8 @@ def train_from_args(args: argparse.Namespace, command: str) -> int:
     """`fedge-hub foundation train` once hub.cli has parsed its arguments (without torch) and sized the threads."""
     if args.time_budget is not None and args.time_budget <= 0:
         raise FoundationError(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
+    if args.image_size is not None:
+        default_recipe(args.dataset, args.image_size)  # a side it cannot take fails before the images are read
     public = load_public(args.dataset, args.image_size)
     recipe = default_recipe(args.dataset, int(public.images.shape[-1]))
     overrides: dict[str, Any] = {"seed": args.seed, "quality_holdout": args.quality_holdout,

@@ -63,6 +63,14 @@ def test_a_side_the_generator_cannot_take_is_a_one_line_error_naming_the_sides(t
     assert not (tmp_path / "b").exists()
 
 
+def test_an_image_size_the_generator_cannot_take_is_refused_at_once(tmp_path: Path, capsys) -> None:
+    data = npy_folder(tmp_path / "data", {"a": [8] * 3})
+
+    code, _, err = train(["--dataset", str(data), "--out", str(tmp_path / "b"), "--image-size", "300"], capsys)
+
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "300x300" in err
+
+
 def test_images_of_mixed_sizes_are_a_one_line_error(tmp_path: Path, capsys) -> None:
     data = npy_folder(tmp_path / "data", {"a": [16, 16], "b": [12, 12]})
 
