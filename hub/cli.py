@@ -314,7 +314,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     try:
         from bench.folders import main as evaluate_main
     except ModuleNotFoundError as err:
-        if err.name != "bench":
+        if err.name not in ("bench", "bench.folders"):
             raise
         print("error: fedge-hub evaluate runs bench/folders.py from a source checkout: run it in the repository root",
               file=sys.stderr)  # fmt: skip
