@@ -1,4 +1,4 @@
-"""Baselines for bench/fgl: centralized, local-only, Flower FedAvg (from scratch and linear probe), nearest prototype."""
+"""Baselines for bench/fgl: centralized (two recipes), local-only, Flower FedAvg (from scratch, linear probe, after fedge), nearest prototype."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from flwr.server.strategy import FedAvg
 from torch import nn
 
 from contract.payloads import Contribution
-from hub.classifier import accuracy, train_classifier
+from hub.classifier import SmallCNN, accuracy, train_classifier
 
 
 @dataclass
@@ -80,17 +80,22 @@ def run_fedavg(
     batch_size: int = 32,
     seed: int = 0,
     eval_every: int = 5,
+    initial: nn.Module | None = None,
 ) -> FedAvgResult:
     """Flower's FedAvg strategy over in-process clients, every client every round, bytes counted both ways.
 
     The strategy object (`flwr.server.strategy.FedAvg`) does the aggregation, weighted by examples,
     exactly as in a Flower deployment; only the transport is replaced by function calls, which
-    keeps 24 grid points x 50 rounds inside the time budget (Flower's Ray simulation costs seconds
-    per round here).
+    keeps the grid's FedAvg runs inside the time budget (Flower's Ray simulation costs seconds per
+    round here). Each round every site downloads the global model and uploads its update. `initial`
+    starts from a given model's weights (fedge's model, for the paper's multi-round variant) instead
+    of a fresh one; its architecture must be `make_model()`'s.
     """
     torch.manual_seed(seed)
     start = time.perf_counter()
     global_model = make_model()
+    if initial is not None:
+        set_weights(global_model, get_weights(initial))
     params = ndarrays_to_parameters(get_weights(global_model))
     strategy = FedAvg(
         fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=len(sites),
@@ -118,6 +123,37 @@ def run_fedavg(
             curve.append((rnd, accuracy(global_model, *test)))
     n = len(sites)
     return FedAvgResult(curve[-1][1], up / n, down / n, time.perf_counter() - start, curve)
+
+
+def widen_classes(
+    model: SmallCNN, names: tuple[str, ...], label_names: tuple[str, ...], image_size: int, seed: int
+) -> SmallCNN:
+    """`model` (classes `names`) as a SmallCNN over every class of `label_names`, in that order.
+
+    Every weight is copied; a class the model never saw (no site uploaded a prototype of it) keeps
+    a freshly initialised (seeded) output row, which FedAvg rounds on real data can then train.
+    """
+    torch.manual_seed(seed)
+    wide = SmallCNN(image_size, len(label_names))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out_w, out_b = list(state)[-2:]  # the last Linear layer
+    w, b = wide.state_dict()[out_w].clone(), wide.state_dict()[out_b].clone()
+    for i, name in enumerate(names):
+        w[label_names.index(name)], b[label_names.index(name)] = state[out_w][i], state[out_b][i]
+    state[out_w], state[out_b] = w, b
+    wide.load_state_dict(state)
+    return wide.eval()
+
+
+def centralized_sgd(
+    images: np.ndarray, labels: np.ndarray, n_classes: int, rounds: int, local_epochs: int, lr: float, seed: int
+) -> nn.Module:
+    """FedAvg's recipe on the pooled data: one site holding everything, `rounds` x `local_epochs` epochs of SGD."""
+    torch.manual_seed(seed)
+    model = SmallCNN(images.shape[-1], n_classes)
+    for rnd in range(1, rounds + 1):
+        local_sgd(model, images, labels, local_epochs, lr, 32, seed=seed * 100_003 + rnd * 1009)
+    return model
 
 
 class LinearHead(nn.Module):
