@@ -311,13 +311,16 @@ def cmd_export_encoders(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(argv: list[str]) -> int:
     """`fedge-hub evaluate`: fedge and the baselines on one's own folders (bench/folders.py, in a source checkout)."""
+    root = Path(__file__).resolve().parent.parent  # bench/ is not installed: take it from the checkout hub/ is in
+    if (root / "bench" / "folders.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     try:
         from bench.folders import main as evaluate_main
     except ModuleNotFoundError as err:
         if err.name not in ("bench", "bench.folders"):
             raise
-        print("error: fedge-hub evaluate runs bench/folders.py from a source checkout: run it in the repository root",
-              file=sys.stderr)  # fmt: skip
+        print("error: fedge-hub evaluate runs bench/folders.py, which only a source checkout of fedge has "
+              "(pip install -e .)", file=sys.stderr)  # fmt: skip
         return 2
     return evaluate_main(argv, prog="fedge-hub evaluate")
 
