@@ -3,7 +3,7 @@
 Threads: paho's network thread runs the message handlers (they only parse, verify and queue work);
 the outbox thread publishes what the store holds until the broker acknowledges it; the main loop
 scans, encodes, carries out forget requests (edge/forget.py), contributes, installs delivered models and
-evaluates them. No torch anywhere.
+evaluates them, and answers the hub's refinement requests (edge/refine.py). No torch anywhere.
 """
 
 from __future__ import annotations
