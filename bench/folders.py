@@ -668,7 +668,8 @@ def markdown(result: dict, walls: dict[str, float]) -> str:
     lines = [
         f"# fedge evaluate: {meta['name']}",
         "",
-        f"Command: `{meta['command']}`. Machine: {meta['machine']}, {o['threads']} thread(s); wall time {meta['wall_s']:.0f} s.",
+        f"Command: `{meta['command']}`. Machine: {meta['machine']} (at the start), {o['threads']} thread(s); wall time "
+        f"{meta['wall_s']:.0f} s" + ("." if meta["seeds_done"] == o["seeds"] else f": **partial run, {meta['seeds_done']} of {o['seeds']} seeds**."),
         "",
         f"Encoder: `{enc['encoder_id']}` ({enc['dim']}-d, input {enc['input_size']}x{enc['input_size']}, {fmt_bytes(enc['bytes'])}); "
         f"images of native shape {'x'.join(map(str, data['native_image_shape']))}, resized whole as an edge does. "
@@ -834,22 +835,27 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.folders") -
     f = load_folders(args.sites, args.test, args.public, bundle, opts, log)
     rows: list[dict] = []
     selection = []
+    import torch
+
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, load average " + " ".join(
+        f"{x:.1f}" for x in os.getloadavg()
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(opts.seeds):
             seed_rows, sel = run_seed(f, opts, r, Path(tmp) / f"stats-{r}", log)
             rows += seed_rows
             selection.append(sel)
-    timings = [{"seed": r["seed"], "method": r["method"], "wall_s": r.pop("_wall_s")} for r in rows]
-    summary = summarize(rows, f.label_names)
-    import torch
-
-    result = {
-        "meta": {"name": args.name, "command": " ".join([prog, *argv]), "options": asdict(opts),
-                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-                 "wall_s": round(time.perf_counter() - start, 1)},
-        "data": f.about, "selection": selection, "summary": summary, "acceptance": acceptance(summary), "rows": rows,
-    }  # fmt: skip
-    write(args.out, result, timings)
+            # after every seed, so that an interrupted run leaves what it finished (marked partial)
+            clean = [{k: v for k, v in row.items() if k != "_wall_s"} for row in rows]
+            timings = [{"seed": row["seed"], "method": row["method"], "wall_s": row["_wall_s"]} for row in rows]
+            summary = summarize(clean, f.label_names)
+            result = {
+                "meta": {"name": args.name, "command": " ".join([prog, *argv]), "options": asdict(opts),
+                         "seeds_done": r + 1, "machine": machine, "wall_s": round(time.perf_counter() - start, 1)},
+                "data": f.about, "selection": selection, "summary": summary, "acceptance": acceptance(summary),
+                "rows": clean,
+            }  # fmt: skip
+            write(args.out, result, timings)
     print((args.out / f"{args.name}.md").read_text().split("## Results", 1)[1].split("## Chosen", 1)[0])
     print(f"wrote {args.out / args.name}.json, .timings.json, .md, .png ({result['meta']['wall_s']:.0f} s)")
     return 0
