@@ -205,7 +205,10 @@ def test_time_budget_stops_training_and_saves(tmp_path: Path, capsys) -> None:
     t = json.loads((tmp_path / "b" / "manifest.json").read_text())["training"]
     assert t["time_budget_s"] == 4 and t["stopped_by_time_budget"] is True
     assert t["simclr_steps"] < 1500 and t["diffusion_steps"] < 4000
-    assert t["encoder_wall_s"] + t["generator_wall_s"] < 4 + 3  # one step past the budget at most, on a busy machine
+    # It stops at the first step boundary after the budget (exactly: the fake-clock test above). One step
+    # can take seconds on an overloaded machine, so the bound here is loose; ignoring the budget
+    # (1500 + 4000 steps) would take far longer.
+    assert t["encoder_wall_s"] + t["generator_wall_s"] < 4 + 60
     assert load(tmp_path / "b").generator.config.sample_size == 8
 
 
