@@ -2,7 +2,8 @@
 
 With a budget the plan shrinks once the step rate is known, so that a learning-rate schedule written
 over `planned` still decays to its end instead of being cut off at a high rate; the loop also stops
-at the budget itself, whatever the plan said.
+when one more step at the mean rate so far would end past the budget, whatever the plan said (a step
+much slower than the mean, on a machine that suddenly gets busy, still overshoots by that step).
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ class StepBudget:
         self.done += 1
         if self.seconds is not None:
             elapsed = self.elapsed()
-            if elapsed >= self.seconds:
+            per_step = elapsed / self.done
+            if elapsed + per_step > self.seconds:  # another step at this rate would end past the budget
                 self.planned = self.done
             else:  # the steps the rest of the budget affords at the rate so far (at least one more)
-                afford = self.done + int((self.seconds - elapsed) * self.done / max(elapsed, 1e-9))
+                afford = self.done + int((self.seconds - elapsed) / max(per_step, 1e-12))
                 self.planned = min(self.steps, max(self.done + 1, afford))
         if self.done < self.planned:
             return True
