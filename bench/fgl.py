@@ -578,8 +578,9 @@ def plot(summary: list[dict], checks: list[dict], path: Path) -> None:
         total = lambda s: s["bytes_up_per_site"] + s["bytes_down_per_site"]  # noqa: E731
         for s in grp:
             if s["method"] in ("fedavg", "fedavg-linear-probe"):
-                per = total(s) / s["rounds"]
-                ax.plot([per * (r + 1) for r in range(len(s["curve"]))], s["curve"], "-" if s["method"] == "fedavg" else ":",
+                # Each round is one download and one upload of the model; anything else received (the probe's encoder) comes first.
+                per, first = 2 * s["bytes_up_per_site"] / s["rounds"], s["bytes_down_per_site"] - s["bytes_up_per_site"]
+                ax.plot([first + per * (r + 1) for r in range(len(s["curve"]))], s["curve"], "-" if s["method"] == "fedavg" else ":",
                         label=f"{s['method']} (by round)")  # fmt: skip
         for method, style in (
             ("fedge-cnn", "o"),
