@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--bundle", type=Path, default=Path.home() / ".cache" / "fedge" / "bundles" / "general")
     ap.add_argument("--diffusion-budget-s", type=float, default=900.0, help="training time cap per seed (wall)")
-    ap.add_argument("--diffusion-steps", type=int, default=1500, help="training steps per seed (the binding limit)")
+    ap.add_argument("--diffusion-steps", type=int, default=1000, help="training steps per seed (the binding limit)")
     ap.add_argument("--jobs", type=int, default=3, help="seeds run in parallel processes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for diffusion training and sampling")
     ap.add_argument("--out", type=Path, default=RESULTS / "feature_synthesis")
