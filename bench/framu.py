@@ -335,7 +335,15 @@ def run_case(case: Case, st: Setting, cfg: FramuConfig, dataset: str, log: Calla
 # ---------------------------------------------------------------------------------------------- select
 
 
-FEATURE_GRID = {"consensus": ("mean", "median"), "agreement": (6.0, 9.0, 12.0), "eval_gap": (3.0, 6.0)}
+# The consensus is the median: it beat the mean on validation in the previous selection
+# (bench/results/framu-select.json as of commit 86684d8), and this grid is already 24 candidates.
+FEATURE_GRID = {
+    "consensus": ("median",),
+    "agreement": (6.0, 12.0),
+    "eval_gap": (6.0, 12.0, 24.0),
+    "min_support": (1, 3),
+    "require_evaluation": (False, True),
+}
 RL_GRID = {"exploration": (0.5, 1.0), "lr": (0.5, 2.0), "reward_aggregate": ("median", "trimmed", "mean")}
 
 
@@ -350,6 +358,8 @@ def candidate(base: FramuConfig, g: dict) -> FramuConfig:
     if "consensus" in g:
         prior = dict(base.prior) | {"agreement": g["agreement"], "eval_gap": g["eval_gap"]}
         cfg = replace(cfg, consensus=g["consensus"], prior=tuple(prior.items()))
+        cfg = replace(cfg, min_support=g.get("min_support", cfg.min_support),
+                      require_evaluation=g.get("require_evaluation", cfg.require_evaluation))  # fmt: skip
     if "exploration" in g:
         cfg = replace(cfg, exploration=g["exploration"], learning_rate=g["lr"], offset_learning_rate=g["lr"],
                       reward_aggregate=g["reward_aggregate"])  # fmt: skip
@@ -380,32 +390,68 @@ def score(cases: list[Case], st: Setting, cfg: FramuConfig, g: dict, stage: str)
     return rows
 
 
-def select(w: World, st: Setting, cache: Path, log: Callable) -> dict:
+# Worker processes (--jobs): forked after the parent sets these, so nothing unpicklable crosses over.
+_POOL_CASES: list[Case] = []
+
+
+def _pmap(fn: Callable, items: list, jobs: int) -> list:
+    """[fn(x) for x in items], in that order, over `jobs` forked processes (1: in this process)."""
+    if jobs <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(min(jobs, len(items))) as pool:
+        return pool.map(fn, items, chunksize=1)
+
+
+def _score_job(job: tuple[Setting, FramuConfig, dict, str]) -> list[dict]:
+    st, cfg, g, stage = job
+    return score(_POOL_CASES, st, cfg, g, stage)
+
+
+def _warm_job(job: tuple[World, Setting, int, Path, bool]) -> None:
+    """Build one seed's case so that its synthesis and statistics are in the cache (the result is dropped)."""
+    w, st, seed, cache, validation = job
+    if validation:
+        validation_case(w, st, seed, cache, lambda s: None)
+    else:
+        build_case(w, st, seed, w.split.private, w.split.test, cache, lambda s: None)
+
+
+def _case_job(job: tuple[World, Setting, FramuConfig, int, Path]) -> list[dict]:
+    """One seed of the test bench: its case (built, or read from the cache) and every scenario and method."""
+    w, st, cfg, seed, cache = job
+    case = build_case(w, st, seed, w.split.private, w.split.test, cache, lambda s: None)
+    return run_case(case, st, cfg, w.name)
+
+
+def select(w: World, st: Setting, cache: Path, log: Callable, jobs: int = 1) -> dict:
     """Two stages on validation data, each ranked by `select_summary`.
 
     1. features: the consensus and the prior's agreement and eval_gap terms, with learning off (the
        attention the features alone give: what the prior is for);
     2. reinforcement: exploration, learning rates and the reward aggregate, at stage 1's winner;
-    then the exclusion cap (1/3 against 1/2 of the sites) at the final candidate.
+    then the exclusion cap (1/3 against 1/2 of the sites) at the final candidate. `jobs` processes
+    share the work; the result does not depend on it.
     """
+    global _POOL_CASES
     base = FramuConfig(**{**st.framu, "prior": tuple(st.framu["prior"].items())})
-    cases = [validation_case(w, st, seed, cache, log) for seed in st.select_seeds]
-    rows1 = []
-    for g in grid(FEATURE_GRID):
-        rows1 += score(cases, st, replace(candidate(base, g), learn=False), g, "features")
+    _pmap(_warm_job, [(w, st, seed, cache, True) for seed in st.select_seeds], jobs)
+    _POOL_CASES = [validation_case(w, st, seed, cache, log) for seed in st.select_seeds]
+
+    def run(jobs_: list[tuple[FramuConfig, dict, str]]) -> list[dict]:
+        return [r for rows in _pmap(_score_job, [(st, c, g, stage) for c, g, stage in jobs_], jobs) for r in rows]
+
+    rows1 = run([(replace(candidate(base, g), learn=False), g, "features") for g in grid(FEATURE_GRID)])
     log(f"[select {w.name}] stage 1: {len(grid(FEATURE_GRID))} feature candidates scored")
     rank1 = select_summary(rows1, tuple(FEATURE_GRID))
     best1 = {k: rank1[0][k] for k in FEATURE_GRID}
-    rows2 = []
-    for g in grid(RL_GRID):
-        rows2 += score(cases, st, candidate(candidate(base, best1), g), {**best1, **g}, "reinforcement")
+    rows2 = run([(candidate(candidate(base, best1), g), {**best1, **g}, "reinforcement") for g in grid(RL_GRID)])
     log(f"[select {w.name}] stage 2: {len(grid(RL_GRID))} RL candidates scored")
     rank2 = select_summary(rows2, tuple(FEATURE_GRID) + tuple(RL_GRID))
     best2 = {k: rank2[0][k] for k in RL_GRID}
     final = candidate(candidate(base, best1), best2)
-    caps = []
-    for cap in (1 / 3, 0.5):
-        caps += score(cases, st, replace(final, max_unlearn_share=cap), {"max_unlearn_share": cap}, "cap")
+    caps = run([(replace(final, max_unlearn_share=cap), {"max_unlearn_share": cap}, "cap") for cap in (1 / 3, 0.5)])
     rank3 = select_summary(caps, ("max_unlearn_share",))
     return {"features": rank1, "reinforcement": rank2, "cap": rank3, "chosen": {**best1, **best2},
             "rows": rows1 + rows2 + caps}  # fmt: skip
@@ -434,7 +480,8 @@ def select_summary(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
 
     def key(r: dict) -> tuple:
         return (r["false_positives"], -round(r["val_acc"], 4), safety.get(r.get("reward_aggregate", ""), 0),
-                r.get("exploration", 0.0), r.get("lr", 0.0), 0 if r.get("consensus") == "median" else 1)  # fmt: skip
+                r.get("exploration", 0.0), r.get("lr", 0.0), 0 if r.get("consensus") == "median" else 1,
+                0 if r.get("require_evaluation", True) else 1)  # fmt: skip
 
     return sorted(out, key=key)
 
@@ -620,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--cache", type=Path, help="synthesis and statistics cache directory (default: a temporary one)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (results do not depend on it)")
     args = ap.parse_args(argv)
     st = QUICK if args.quick else Setting()
     if args.seeds:
@@ -642,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache or Path(tmp)
         worlds = {name: load_world(name) for name in st.datasets}
         if args.select:
-            sel = {name: select(worlds[name], st, cache, log) for name in st.datasets}
+            sel = {name: select(worlds[name], st, cache, log, args.jobs) for name in st.datasets}
             meta = {"command": command, "wall_s": round(time.perf_counter() - start, 1), "machine": machine,
                     "setting": asdict(st), "feature_grid": FEATURE_GRID, "rl_grid": RL_GRID}  # fmt: skip
             (args.out / "framu-select.json").write_text(json.dumps({"meta": meta, **sel}, indent=1) + "\n")
@@ -653,15 +701,17 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  {stage}:", x)
             print(f"wrote {args.out / 'framu-select.json'}")
             return 0
-        for seed in st.seeds:
-            for name in st.datasets:
-                w = worlds[name]
-                case = build_case(w, st, seed, w.split.private, w.split.test, cache, log)
-                rows += run_case(case, st, cfg, name, log)
-                meta = {"command": command, "machine": machine, "setting": asdict(st),
-                        "done": sorted({(r["dataset"], r["seed"]) for r in rows})}  # fmt: skip
-                # Timings go to a separate file so that two runs with one seed write identical results.
-                write_results(rows, {**meta, "wall_s": 0.0}, args.out, stem)
+        jobs = [(worlds[name], st, cfg, seed, cache) for seed in st.seeds for name in st.datasets]
+        for seed_rows in _pmap(_case_job, jobs, args.jobs):
+            rows += seed_rows
+            for r in seed_rows:
+                log(f"[{r['dataset']} seed {r['seed']} {r['scenario']}] bad {r['bad_sites']}: uniform "
+                    f"{r['acc_uniform']:.4f} framu {r['acc_framu']:.4f} norl {r['acc_framu-norl']:.4f} oracle "
+                    f"{r['acc_oracle']:.4f}; unlearned {[u['site'] for u in r['unlearned_framu']]}")  # fmt: skip
+            meta = {"command": command, "machine": machine, "setting": asdict(st),
+                    "done": sorted({(r["dataset"], r["seed"]) for r in rows})}  # fmt: skip
+            # Timings go to a separate file so that two runs with one seed write identical results.
+            write_results(rows, {**meta, "wall_s": 0.0}, args.out, stem)
         wall = time.perf_counter() - start
         meta = {"command": command, "machine": machine, "setting": asdict(st),
                 "done": sorted({(r["dataset"], r["seed"]) for r in rows})}  # fmt: skip

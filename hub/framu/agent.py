@@ -98,15 +98,17 @@ class FramuConfig:
     learning_rate: float = 2.0  # alpha: actor step on theta
     offset_learning_rate: float = 2.0  # alpha_u: actor step on each contribution's own attention offset
     value_learning_rate: float = 0.3  # beta: critic (value baseline) step
-    exploration: float = 0.5  # sigma: exploration noise in logit space
+    exploration: float = 1.0  # sigma: exploration noise in logit space
     max_noise: float = 2.0  # |eps| is clipped here: an explored logit is within sigma * max_noise of the noise-free one
     max_td: float = 0.1  # |TD error| used in an update is clipped here (accuracy units)
     max_step: float = 0.5  # norm of one round's change of theta, and of one offset, is clipped here
     max_offset: float = 4.0  # |u_c| bound
     max_theta: float = 20.0  # |theta_i| bound
     max_unlearn_share: float = 1 / 3  # never exclude more than floor(this * sites) sites
-    reward_aggregate: Literal["median", "mean", "trimmed"] = "trimmed"
+    reward_aggregate: Literal["median", "mean", "trimmed"] = "mean"
     consensus: Literal["median", "mean"] = "median"  # the other sites' class means (hub.framu.features)
+    min_support: int = 3  # other sites holding a label before a disagreement with its class mean counts in full
+    require_evaluation: bool = True  # a round counts towards a streak only once the site's evaluation is in
     learn: bool = True  # False: the fixed attention policy (features alone, no exploration, no updates)
 
     def __post_init__(self) -> None:
@@ -123,6 +125,8 @@ class FramuConfig:
             raise ValueError(f"max_unlearn_share must be in [0, 1), got {self.max_unlearn_share}")
         if self.consensus not in ("median", "mean"):
             raise ValueError(f"consensus must be 'median' or 'mean', got {self.consensus!r}")
+        if self.min_support < 1:
+            raise ValueError(f"min_support must be at least 1, got {self.min_support}")
         if self.reward_aggregate not in ("median", "mean", "trimmed"):
             raise ValueError(f"reward_aggregate must be 'median', 'mean' or 'trimmed', got {self.reward_aggregate!r}")
 
@@ -212,7 +216,7 @@ class Framu:
         self, contributions: list[Contribution], evaluations: list[SiteEvaluation], now: datetime
     ) -> dict[str, float]:
         """Noise-free attention weight in [0, 1] per contribution id; reads the state, changes nothing."""
-        zs = centred(features(contributions, evaluations, now, self.config.consensus))
+        zs = centred(features(contributions, evaluations, now, self.config.consensus, self.config.min_support))
         return {cid: _sigmoid(self._logit(cid, z)) for cid, z in zs.items()}
 
     def weights(
@@ -240,7 +244,7 @@ class Framu:
                 proposal: nothing is pending and reward() will return None for it.
         """
         cfg = self.config
-        feats = features(contributions, evaluations, now, self.config.consensus)
+        feats = features(contributions, evaluations, now, self.config.consensus, self.config.min_support)
         zs = centred(feats)
         ids = sorted(feats)
         # Offsets of contributions no longer active are dropped: ids are never reused.
@@ -358,7 +362,12 @@ class Framu:
                 streaks[cid] = 0
                 continue
             w = float(self._s["attention"].get(cid, weights.get(cid, 1.0)))
-            streaks[cid] = streaks.get(cid, 0) + 1 if w < cfg.threshold else 0
+            phi = self._s["features"].get(cid)
+            if cfg.require_evaluation and (phi is None or phi[FEATURE_NAMES.index("eval_missing")] > 0):
+                # No federated evaluation from its site yet: the prototypes alone never start a decision.
+                streaks[cid] = 0 if w >= cfg.threshold else streaks.get(cid, 0)
+            else:
+                streaks[cid] = streaks.get(cid, 0) + 1 if w < cfg.threshold else 0
             if streaks[cid] >= cfg.patience and cid not in decided:
                 candidates.append((w, cid))
         out = []

@@ -37,7 +37,8 @@ agreement           leave-one-site-out nearest-class-mean check of the contribut
                     prototype's own label. 1 = every prototype sits where the
                     other sites put that label; flipped labels score near 0, data from another
                     distribution (rotated, inverted) scores low. 1.0 when no other site has any of its
-                    labels (no evidence against it).
+                    labels (no evidence against it). A label that fewer than `min_support` other sites
+                    hold is weaker evidence: its prototypes' disagreement counts in proportion.
 margin              the same prototypes' mean cosine to their own label's consensus mean minus their
                     cosine to the nearest other label's (count-weighted; in [-2, 2]): graded agreement.
                     0 when there is no evidence.
@@ -76,6 +77,15 @@ def _unit_prototypes(c: Contribution) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return np.concatenate(vecs), np.array(names), np.array(counts, np.float64)
 
 
+def _support(protos: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, int]:
+    """How many of these (other) sites hold each label."""
+    out: dict[str, int] = {}
+    for _, names, _ in protos:
+        for n in set(names.tolist()):
+            out[n] = out.get(n, 0) + 1
+    return out
+
+
 def _class_means(protos: list[tuple[np.ndarray, np.ndarray, np.ndarray]], consensus: str) -> dict[str, np.ndarray]:
     """Unit class means of the other sites' prototypes.
 
@@ -101,8 +111,18 @@ def _class_means(protos: list[tuple[np.ndarray, np.ndarray, np.ndarray]], consen
     return out
 
 
-def _agreement(mine: tuple[np.ndarray, np.ndarray, np.ndarray], means: dict[str, np.ndarray]) -> tuple[float, float]:
-    """(agreement, margin) of one contribution's prototypes against the others' class means."""
+def _agreement(
+    mine: tuple[np.ndarray, np.ndarray, np.ndarray],
+    means: dict[str, np.ndarray],
+    support: dict[str, int] | None = None,
+    min_support: int = 1,
+) -> tuple[float, float]:
+    """(agreement, margin) of one contribution's prototypes against the others' class means.
+
+    A prototype whose label fewer than `min_support` other sites hold is weaker evidence (a class
+    mean of one or two sites is as good as those sites are): its disagreement counts
+    (other sites holding the label) / min_support, the rest of it counts as agreeing.
+    """
     vecs, names, counts = mine
     known = np.array([n in means for n in names], bool)
     if not len(vecs) or not known.any() or len(means) < 2:
@@ -117,8 +137,11 @@ def _agreement(mine: tuple[np.ndarray, np.ndarray, np.ndarray], means: dict[str,
     other[rows, own] = -np.inf
     best_other = other.max(axis=1)
     w = counts[known] / counts[known].sum()
-    agreement = float((w * (own_cos >= best_other)).sum())
-    margin = float((w * (own_cos - best_other)).sum())
+    strength = np.ones(len(own))
+    if min_support > 1 and support is not None:
+        strength = np.minimum(1.0, np.array([support.get(n, 0) for n in names[known]], np.float64) / min_support)
+    agreement = float((w * (1.0 - strength * (own_cos < best_other))).sum())
+    margin = float((w * strength * (own_cos - best_other)).sum())
     return agreement, margin
 
 
@@ -138,6 +161,7 @@ def features(
     evaluations: Sequence[SiteEvaluation],
     now: datetime,
     consensus: str = "median",
+    min_support: int = 1,
 ) -> dict[str, np.ndarray]:
     """One vector (len(FEATURE_NAMES), float64, in FEATURE_NAMES order) per contribution id.
 
@@ -149,6 +173,8 @@ def features(
         consensus: how the other sites' class means are formed for `agreement` and `margin`:
             "median" (one site, one vote: the default, chosen on validation data) or "mean"
             (count-weighted over all their prototypes).
+        min_support: how many other sites must hold a label before a prototype's disagreement with
+            that label's class mean counts in full (`_agreement`); 1 counts every disagreement in full.
     """
     # Id order everywhere: the consensus sums, and so the features' last bits, do not depend on input order.
     contributions = sorted(contributions, key=lambda c: c.contribution_id)
@@ -173,7 +199,7 @@ def features(
         ]
         mine = protos[c.contribution_id]
         if len(mine[0]) and others and {p[0].shape[1] for p in others} == {mine[0].shape[1]}:
-            agreement, margin = _agreement(mine, _class_means(others, consensus))
+            agreement, margin = _agreement(mine, _class_means(others, consensus), _support(others), min_support)
         else:
             agreement, margin = 1.0, 0.0
         if c.site_id in acc:

@@ -156,7 +156,11 @@ class FramuLoop:
         self.metrics.framu_td_error.set(td)
         log.info("FRAMU reward for model v%d: %.4f from %d sites (TD error %+.4f)", version, last["reward"],
                  last["sites"], td)  # fmt: skip
-        below = [cid for cid, n in state["streaks"].items() if n > 0 and cid not in state["decided"]]
+        # Below the threshold now (its streak may still wait for its site's first evaluation), or on a streak.
+        threshold = self.framu.config.threshold
+        low = {cid for cid, a in state["attention"].items() if a < threshold}
+        below = [cid for cid in sorted(low | {c for c, n in state["streaks"].items() if n > 0})
+                 if cid not in state["decided"]]  # fmt: skip
         if self.mode == "auto" and below and self._in_a_row < self.settings.max_rounds:
             log.info("FRAMU: %d contribution(s) below the attention threshold; another round (%d of at most %d)",
                      len(below), self._in_a_row + 1, self.settings.max_rounds)  # fmt: skip

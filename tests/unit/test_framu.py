@@ -166,7 +166,7 @@ def test_reason_is_outdated_when_the_site_has_been_silent_longer_than_outdated_a
     reasons = {}
     for bad in (old, recent):
         agent = Framu(cfg)
-        w = agent.weights([*cs, bad], [], NOW, "r0", explore=False)
+        w = agent.weights([*cs, bad], evals([*cs, bad], 1, {}), NOW, "r0", explore=False)
         (d,) = agent.decide(w, [*cs, bad], NOW)
         reasons[d.site_id] = d.reason
         assert d.contribution_id == bad.contribution_id
@@ -181,7 +181,7 @@ def test_never_more_than_a_third_of_the_sites_are_excluded() -> None:
     agent = Framu(config(patience=1))
     active, decided = list(cs), []
     for t in range(4):
-        w = agent.weights(active, [], NOW, f"r{t}", explore=False)
+        w = agent.weights(active, evals(active, t, {}), NOW, f"r{t}", explore=False)
         for d in agent.decide(w, active, NOW):
             decided.append(d)
             active = [c for c in active if c.contribution_id != d.contribution_id]
@@ -284,3 +284,44 @@ def test_exact_trainer_weighted_fit_and_digests(tiny_bundle: Path, tmp_path: Pat
     scratch = trainer.refit_from_scratch(cs, weights=w)
     assert absent.training_digest == weighted.training_digest == scratch.training_digest
     assert absent.onnx == weighted.onnx == scratch.onnx
+
+
+def partial_contribution(site: int, keep: tuple[str, ...], relabel: dict[str, str] | None = None) -> Contribution:
+    """A site holding only the labels `keep` (after `relabel`, a faulty label table, is applied)."""
+    x, y = site_data(site)
+    names = np.array(LABELS)[y]
+    if relabel:
+        names = np.array([relabel.get(n, n) for n in names])
+    mask = np.isin(names, keep)
+    c = make_contribution(f"site-{site}", "enc", x[mask], names[mask], k=2, min_group_size=5, seed=site)
+    return c.model_copy(update={"created_at": NOW - timedelta(days=1)})
+
+
+def test_min_support_weakens_disagreement_with_a_label_that_few_other_sites_hold() -> None:
+    # Arrange: label "c" is held by one other site only, and that site's "c" is really "a" (faulty table).
+    clean = partial_contribution(0, ("a", "b", "c"))
+    others = [partial_contribution(i, ("a", "b")) for i in range(1, 4)]
+    faulty = partial_contribution(4, ("c",), relabel={"a": "c", "c": "x"})
+    cs = [clean, *others, faulty]
+    agreement = FEATURE_NAMES.index("agreement")
+    # Act
+    full = features(cs, [], NOW, min_support=1)
+    weak = features(cs, [], NOW, min_support=3)
+    # Assert: the clean site's "c" prototypes disagree with a one-site class mean, counted at 1/3 with min_support 3.
+    assert full[clean.contribution_id][agreement] < 0.8
+    assert weak[clean.contribution_id][agreement] > full[clean.contribution_id][agreement] + 0.1
+    # Labels that three or more other sites hold count in full either way.
+    for c in others:
+        assert weak[c.contribution_id][agreement] == full[c.contribution_id][agreement]
+
+
+def test_with_require_evaluation_prototypes_alone_never_start_a_decision() -> None:
+    cs = [contribution(i) for i in range(5)] + [contribution(5, flip=True)]
+    bad = cs[-1].contribution_id
+    agent = Framu(config(patience=1, require_evaluation=True))
+    for t in range(3):  # no site has reported: the flipped prototypes alone decide nothing
+        w = agent.weights(cs, [], NOW, f"r{t}", explore=False)
+        assert w[bad] < RECOMMENDED.threshold
+        assert agent.decide(w, cs, NOW) == []
+    w = agent.weights(cs, evals(cs, 1, {"site-5": 0.1}), NOW, "r3", explore=False)
+    assert [d.contribution_id for d in agent.decide(w, cs, NOW)] == [bad]
