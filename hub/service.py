@@ -91,8 +91,21 @@ class HubService:
             self.foundation = sd.load(c.model_dir, c.encoders_dir, self.device, c.image_size)
             self.synthesizer = sd.SDSynthesizer(self.foundation, synth_cfg, cache_dir=cache, progress=False)
         else:
-            self.foundation = load_foundation(bundled.resolve(s.foundation), device=self.device)
-            self.synthesizer = Synthesizer(self.foundation, synth_cfg, cache_dir=cache, progress=False)
+            from hub.learning.feature_synthesis import FeatureSynthesisConfig, synthesizer_for_bundle
+
+            path = bundled.resolve(s.foundation)
+            # A bundle without an image generator (the general encoder), or `closed_form.synthesis: features`:
+            # synthetic embeddings around the prototypes (hub/learning/feature_synthesis.py, docs/feature-synthesis.md).
+            feats = None
+            if s.model == "closed_form":
+                fcfg = FeatureSynthesisConfig(samples_per_count=syn.samples_per_count, seed=syn.seed)
+                cf = s.closed_form
+                feats = synthesizer_for_bundle(path, cf.synthesis, syn.seed, cf.feature_generator, fcfg)
+            if feats is not None:
+                self.foundation, self.synthesizer = feats.foundation, feats
+            else:
+                self.foundation = load_foundation(path, device=self.device)
+                self.synthesizer = Synthesizer(self.foundation, synth_cfg, cache_dir=cache, progress=False)
         self.encoders = {self.foundation.encoder_id: self.foundation.dim}
         self.train_config = TrainConfig(epochs=syn.epochs, seed=syn.seed)
         self.trainer = None  # the closed-form model (hub/learning/exact.py); None: the CNN, retrained each round
