@@ -463,7 +463,10 @@ def print_table(result: dict) -> None:
     print(
         f"global test accuracy:            {result['global_test_accuracy']:.1%}  (model v{result['first_model_version']})"
     )
-    print(f"bytes sent per site:             {sent:,.0f} B (prototypes, evaluation and any refinement statistics); no image left a site")
+    print(
+        f"bytes sent per site:             {sent:,.0f} B (prototypes, evaluation and any refinement statistics); "
+        "no image left a site"
+    )
     print(f"traffic per site, up and down:   {both:,.0f} B (the signed model is most of it)")
     print(f"FedAvg, 50 rounds of the CNN:    {fed:,} B per site, up and down ({fed / both:,.1f}x that traffic, "
           f"{fed / sent:,.0f}x the upload)")  # fmt: skip
