@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -80,6 +81,15 @@ def start_edge(
         return subprocess.Popen(
             [sys.executable, "-m", "edge.cli", "run"], env=env, stdout=out, stderr=subprocess.STDOUT
         )
+
+
+def stop_edges(procs: dict[str, subprocess.Popen]) -> None:
+    """SIGTERM every edge process still running, then wait (30 s each) until every one has exited."""
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        p.wait(30)
 
 
 def outbox_depth(state_dir: Path) -> int:

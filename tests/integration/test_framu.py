@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from hub import datasets
 from hub.service import HubService
 from hub.unlearning import audit
 from runtime.mqtt import BrokerSettings
-from tests.integration.helpers import Watcher, start_edge, wait_for
+from tests.integration.helpers import Watcher, start_edge, stop_edges, wait_for
 
 pytestmark = pytest.mark.slow
 TOPICS = Topics()
@@ -77,11 +76,7 @@ def test_auto_mode_unlearns_a_site_with_flipped_labels_and_tells_it_why(
 
         wait_for(lambda: running(cert.model_version_after), 120, "every site to run the certified model")
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            p.wait(30)
+        stop_edges(procs)
         watcher.stop()
 
     # The certificate: signed by the hub, only the corrupted contribution removed, exact, with FRAMU's figures.

@@ -10,7 +10,6 @@ FEDGE_TEST_BUNDLE=<bundle dir> runs the same test on another bundle (for example
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from hub import datasets
 from hub.learning.feature_synthesis import FeatureSynthesizer
 from hub.service import HubService
 from runtime.mqtt import BrokerSettings
-from tests.integration.helpers import Watcher, start_edge, wait_for
+from tests.integration.helpers import Watcher, start_edge, stop_edges, wait_for
 
 pytestmark = pytest.mark.slow
 TOPICS = Topics()
@@ -65,11 +64,7 @@ def test_sites_with_300px_grayscale_images_and_no_public_data_get_a_delivered_mo
 
         wait_for(installed, 600, "every site to install the delivered model")
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            p.wait(30)
+        stop_edges(procs)
         watcher.stop()
     latest = hub.registry.latest()
     assert latest is not None and latest.version >= 1

@@ -5,7 +5,6 @@ certificate names the re-solved model and the statistics that left it."""
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from hub import datasets
 from hub.service import HubService
 from hub.unlearning import audit
 from runtime.mqtt import BrokerSettings
-from tests.integration.helpers import Watcher, start_edge, wait_for
+from tests.integration.helpers import Watcher, start_edge, stop_edges, wait_for
 from tests.unit.test_edge_forget import request
 
 pytestmark = pytest.mark.slow
@@ -115,9 +114,5 @@ def test_sites_refine_the_head_and_a_forget_request_re_solves_it_exactly(
         assert report["ok"], report["problems"]
         assert report["checked"]["certificates"] == 1 and report["checked"]["refinements"] == 4
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            p.wait(30)
+        stop_edges(procs)
         watcher.stop()
