@@ -63,7 +63,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = validate_or_exit(HubSettings, args.config, args.validate_config)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     size_pools(args.threads or settings.threads, import_torch=True)  # before any model or onnxruntime session
-    return run_service(HubService(settings), settings, logging.getLogger("fedge.hub"))
+    try:
+        service = HubService(settings)
+    except ValueError as err:  # a configuration the bundle cannot serve: one line, no traceback
+        print(f"fedge-hub run: {err}", file=sys.stderr)
+        return 2
+    return run_service(service, settings, logging.getLogger("fedge.hub"))
 
 
 def _existing_ledger(args: argparse.Namespace):

@@ -91,9 +91,18 @@ class HubService:
             self.foundation = sd.load(c.model_dir, c.encoders_dir, self.device, c.image_size)
             self.synthesizer = sd.SDSynthesizer(self.foundation, synth_cfg, cache_dir=cache, progress=False)
         else:
-            from hub.learning.feature_synthesis import FeatureSynthesisConfig, synthesizer_for_bundle
+            from hub.learning.feature_synthesis import (
+                FeatureSynthesisConfig,
+                has_image_generator,
+                synthesizer_for_bundle,
+            )
 
             path = bundled.resolve(s.foundation)
+            if s.model == "cnn" and not has_image_generator(path):
+                raise ValueError(
+                    f"model cnn trains on synthetic images, and the bundle {path} has no image generator; "
+                    "use model closed_form (it synthesizes in the encoder's feature space)"
+                )
             # A bundle without an image generator (the general encoder), or `closed_form.synthesis: features`:
             # synthetic embeddings around the prototypes (hub/learning/feature_synthesis.py, docs/feature-synthesis.md).
             feats = None

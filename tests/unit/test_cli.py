@@ -126,3 +126,22 @@ def test_size_pools_sizes_torch_only_where_it_is_wanted() -> None:
     out = subprocess.run([sys.executable, "-c", THREADS_PROBE], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert DEFAULT_THREADS >= 1
+
+
+def test_run_refuses_the_cnn_on_a_bundle_without_an_image_generator(tmp_path: Path, capsys) -> None:
+    # An encoder-only bundle (as the general one is): the digits bundle's encoder and manifest, no generator.
+    import shutil
+
+    import bundled
+
+    bundle = tmp_path / "encoder-only"
+    bundle.mkdir()
+    for name in ("encoder.onnx", "manifest.json"):
+        shutil.copy(bundled.path("digits") / name, bundle / name)
+    conf = hub_yaml(tmp_path, foundation=str(bundle), model="cnn", metrics_port=None)
+
+    code = hub_main(["run", "--config", str(conf)])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "no image generator" in err[0] and "closed_form" in err[0]
