@@ -30,6 +30,7 @@ Writes bench/results/framu.json, framu.md, framu.png.
     python -m bench.framu --quick      # digits, seed 0, 12 rounds: about 2 min (synthesis of 10 contributions)
     python -m bench.framu --select     # choose FRAMU's hyper-parameters on validation data (about 25 min)
     --cache DIR keeps the synthesis and statistics between runs (then a full run takes about 2 min)
+    --jobs N    N worker processes (seeds, and --select's candidates); the results do not depend on N
 
 `--select` never reads the test split: sites are simulated on 70 % of the public split and models
 scored on the other 30 %, with validation seeds 1000-1008 (disjoint from the test seeds 0-9). Stage 1

@@ -18,7 +18,8 @@ One round, as the hub runs it (docs/framu.md):
    theta += alpha * delta * mean_c(eps_c / sigma * z_c) and, per contribution, its attention
    offset u_c += alpha_u * delta * eps_c / sigma.
 4. `decide(...)`: a contribution whose noise-free attention stays below `threshold` for
-   `patience` consecutive rounds becomes a decision, `outdated` when its site has sent nothing
+   `patience` consecutive rounds (with `require_evaluation`, only rounds after its site has
+   reported an evaluation count) becomes a decision, `outdated` when its site has sent nothing
    for `outdated_after_s`, else `irrelevant`. Pinned contributions are never decided, and
    FRAMU never excludes more than `max_unlearn_share` of the sites (its evidence is consensus).
 
