@@ -10,7 +10,7 @@ import bundled
 from contract.layout import fit_image, read_image, scan
 from edge.cli import main
 from edge.contribution import make_contribution
-from edge.encoder import choose_encoder
+from edge.encoder import OnnxEncoder
 from tests.unit.test_edge_no_torch import run_probe
 
 
@@ -34,12 +34,16 @@ def test_encode_resizes_other_sizes_and_colour_as_the_service_does(tmp_path: Pat
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert (report["samples"], report["resized"], report["skipped"]) == (12, 9, 0)
-    # The same contribution as the service's path: read_image (luminance), then fit_image to the input.
+    # The same contribution as the service's path: read_image (luminance), then fit_image to the input, encoded
+    # with the variant the command chose (fp32 or int8: choose_encoder times them, so it depends on the machine).
     samples = scan(data)
     images = np.stack([fit_image(read_image(s.path), 8) for s in samples])[:, None]
-    choice = choose_encoder(bundled.resolve("digits"), images[:64])
+    variant = report["encoder"]["variant"]
+    bundle = bundled.resolve("digits")
+    encoder = OnnxEncoder(bundle / ("encoder.onnx" if variant == "fp32" else "encoder.int8.onnx"))
+    encoder_id = json.loads((bundle / "manifest.json").read_text())["encoder_id"]
     expected = make_contribution(
-        "s1", choice.encoder_id, choice.encoder.encode(images), [s.label for s in samples], k=1, min_group_size=5
+        "s1", encoder_id, encoder.encode(images), [s.label for s in samples], k=1, min_group_size=5
     )
     assert json.loads(out.read_bytes())["contribution_id"] == expected.contribution_id
 
