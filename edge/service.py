@@ -99,8 +99,8 @@ class EdgeService:
         elif (pinned := self.store.get("hub_public_key")) is not None:
             key = signing.parse_public_pem(pinned)
             self._trusted[signing.key_id(key)] = key
-        self._unverified_manifest: bytes | None = None  # a manifest that came before any trusted key
-        self._unverified_refine: bytes | None = None  # a refinement request that came before any trusted key
+        # Signed retained hub messages ("model" manifest, "refine" request) that came before any trusted key.
+        self._unverified: dict[str, bytes] = {}
         self.site_key = self._site_key()
         operators = {signing.key_id(k): k for k in map(signing.load_public_key, s.operator_public_key_files)}
         if not operators:
@@ -279,12 +279,14 @@ class EdgeService:
                 log.info("hub %s is online: resending the latest %s", status.hub_id, " and ".join(resent))
         self._hub_seen.set()
         self._outbox_wake.set()
-        pending, self._unverified_manifest = self._unverified_manifest, None
-        if pending is not None and self._trusted:
-            guarded("model", self._on_manifest, self._report)(Message(self.topics.hub_model, pending))
-        pending, self._unverified_refine = self._unverified_refine, None
-        if pending is not None and self._trusted:
-            guarded("refine", self._on_refine, self._report)(Message(self.topics.hub_refine, pending))
+        waiting = (
+            ("model", self._on_manifest, self.topics.hub_model),
+            ("refine", self._on_refine, self.topics.hub_refine),
+        )
+        for kind, handler, topic in waiting:
+            pending = self._unverified.pop(kind, None)
+            if pending is not None and self._trusted:
+                guarded(kind, handler, self._report)(Message(topic, pending))
         return "accepted"
 
     def _trust_on_first_use(self, status: HubStatus) -> None:
@@ -324,7 +326,7 @@ class EdgeService:
             return "accepted"  # a retained manifest being cleared
         body = self._decode(msg.payload)
         if not self._trusted:
-            self._unverified_manifest = msg.payload  # checked once hub/status brings a key to pin
+            self._unverified["model"] = msg.payload  # checked once hub/status brings a key to pin
             log.info("a model manifest arrived before any trusted hub key; it waits for the hub's status")
             return "accepted"
         manifest = self._signed(body, ModelManifest, "model manifest")
@@ -375,7 +377,7 @@ class EdgeService:
             return "accepted"  # a retained request being cleared
         body = self._decode(msg.payload)
         if not self._trusted:
-            self._unverified_refine = msg.payload  # checked once hub/status brings a key to pin
+            self._unverified["refine"] = msg.payload  # checked once hub/status brings a key to pin
             return "accepted"
         request = self._signed(body, RefinementRequest, "refinement request")
         kept = self.store.get("refine_request")

@@ -91,11 +91,8 @@ class HubService:
             self.foundation = sd.load(c.model_dir, c.encoders_dir, self.device, c.image_size)
             self.synthesizer = sd.SDSynthesizer(self.foundation, synth_cfg, cache_dir=cache, progress=False)
         else:
-            from hub.learning.feature_synthesis import (
-                FeatureSynthesisConfig,
-                has_image_generator,
-                synthesizer_for_bundle,
-            )
+            from hub.foundation.manifest import has_image_generator
+            from hub.learning.feature_synthesis import FeatureSynthesisConfig, synthesizer_for_bundle
 
             path = bundled.resolve(s.foundation)
             if s.model == "cnn" and not has_image_generator(path):

@@ -22,6 +22,7 @@ from diffusers import DDIMScheduler
 from hub.export import export_onnx
 from hub.foundation.encoder import ConvEncoder
 from hub.foundation.generator import PrototypeConditionedUNet
+from hub.foundation.manifest import EncoderBundle
 from runtime.files import sha256_file
 
 
@@ -57,28 +58,11 @@ def quantize_encoder_int8(fp32_path: Path, out_path: Path, calibration: np.ndarr
 
 
 @dataclass
-class Foundation:
-    """A loaded foundation model: what synthesis needs."""
+class Foundation(EncoderBundle):
+    """A loaded foundation model: what synthesis needs (the manifest's fields, hub/foundation/manifest.py)."""
 
-    path: Path
-    manifest: dict[str, Any]
     generator: PrototypeConditionedUNet
     scheduler: DDIMScheduler
-
-    @property
-    def encoder_id(self) -> str:
-        """Identity of the encoder whose embeddings the generator understands."""
-        return str(self.manifest["encoder_id"])
-
-    @property
-    def dim(self) -> int:
-        """Embedding dimension."""
-        return int(self.manifest["embedding_dim"])
-
-    @property
-    def image_size(self) -> int:
-        """Side of generated images."""
-        return int(self.manifest["image_size"])
 
     def load_torch_encoder(self) -> ConvEncoder:
         """The torch encoder (hub-side parity checks and evaluation)."""

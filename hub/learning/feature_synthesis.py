@@ -37,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from contract.payloads import Contribution
+from hub.foundation.manifest import EncoderBundle, has_image_generator, load_encoder_bundle
 from hub.learning.closed_form import _rng
 from runtime.files import sha256_file
 
@@ -46,50 +47,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 # Sizes of the k-means groups a generator learns from: the sizes sites' prototypes average (at least
 # the minimum group of 5; a label of n samples at k = 4 gives groups of about n / 4).
 GROUP_SIZES = (5, 10, 20, 40)
-
-
-# --- the encoder bundle, seen from feature space -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EncoderBundle:
-    """A bundle folder read for what feature-space synthesis needs: its encoder's id, dimension and input size."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def encoder_id(self) -> str:
-        """Identity of the encoder whose embeddings the sites send."""
-        return str(self.manifest["encoder_id"])
-
-    @property
-    def dim(self) -> int:
-        """Embedding dimension."""
-        return int(self.manifest["embedding_dim"])
-
-    @property
-    def image_size(self) -> int:
-        """Side of the encoder's input."""
-        return int(self.manifest["image_size"])
-
-    @property
-    def has_image_generator(self) -> bool:
-        """True when the bundle carries an image generator (digits, mnist); False for the general bundle."""
-        return has_image_generator(self.path)
-
-
-def has_image_generator(bundle_dir: Path) -> bool:
-    """Whether `bundle_dir` holds an image generator (generator/ and scheduler/ beside the encoder)."""
-    return (Path(bundle_dir) / "generator").is_dir() and (Path(bundle_dir) / "scheduler").is_dir()
-
-
-def load_encoder_bundle(bundle_dir: Path) -> EncoderBundle:
-    """Read a bundle's manifest (any bundle: digits, mnist, general); never loads torch."""
-    path = Path(bundle_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{bundle_dir} is not a bundle: {path} is missing")
-    return EncoderBundle(Path(bundle_dir), json.loads(path.read_text()))
 
 
 def uses_feature_synthesis(bundle_dir: Path, mode: str = "auto") -> bool:
