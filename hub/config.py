@@ -34,16 +34,35 @@ class RoundPolicy(BaseModel):
         description="Closed-form refinement round (docs/unlearning.md): sites send additive statistics of the "
         "delivered model's projected features and the hub solves the head from them exactly (model closed_form).",
     )
+    refine_features: Literal["rff", "embedding"] = Field(
+        default="embedding",
+        description="What the sites' statistics are computed over (hub/refinement/features.py): the encoder's "
+        "embedding (a linear head, as Fed3R) or the closed-form model's random Fourier features (a kernel head). "
+        "embedding chosen on validation carves of ELPV mono and digits with the general encoder (docs/evaluate.md).",
+    )
     refine_dim: int = Field(
-        default=96, ge=8, le=512,
+        default=128, ge=8, le=512,
         description="Projected feature dimension: a site uploads dim (dim + 1) / 2 + labels x dim float32 values "
-        "(96: about 32 KB of JSON for 10 labels).",
+        "(128: about 45 KB of JSON for 2 labels, 51 KB for 10).",
     )  # fmt: skip
     refine_wait_s: float = Field(
         default=60.0, gt=0, le=86400,
         description="How long new statistics wait for every site's before the hub solves from those it has.",
     )  # fmt: skip
-    refine_lam: float = Field(default=1e-6, gt=0, le=10, description="Ridge regularisation of the refined head.")
+    refine_lam: float = Field(
+        default=1e-4, gt=0, le=10, description="Ridge regularisation of the refined model's `logits` head."
+    )
+    refine_lams: list[float] = Field(
+        default=[1e-2],
+        description="One more head per lambda, ONNX outputs head_refined_<i>, solved from the same statistics; "
+        "the delivery gate serves whichever head has the best pooled held-out balanced accuracy.",
+    )
+
+    @model_validator(mode="after")
+    def _refine_lams_in_range(self) -> RoundPolicy:
+        if any(not 0 < lam <= 10 for lam in self.refine_lams) or len(self.refine_lams) > 8:
+            raise ValueError("rounds.refine_lams: at most 8 values, each in (0, 10]")
+        return self
 
 
 class SynthesisSettings(BaseModel):

@@ -10,7 +10,10 @@
 3. `wants_round` asks for a round once every site with an active contribution has statistics (or
    `refine_wait_s` after the first that is not yet in a model); `fit` sums the active statistics in
    id order and solves the class-balanced ridge head exactly (partition-invariant: the sums do not
-   care how the samples were split across sites), and writes the refined ONNX.
+   care how the samples were split across sites), once for `lam` (the model's `logits`) and once per
+   extra lambda in `lams` (outputs `head_refined_<i>`, features.py), all from the same sum, and
+   writes the refined ONNX. The delivery gate picks among the heads on the sites' held-out
+   evaluations (hub/delivery/gate.py).
 4. Forgetting: a forget request supersedes the site's contribution, which takes its statistics out
    of `active`; the next round re-solves without them, and the certificate names them among the
    removed records (`removed_with`) and covers the digest of exactly what was solved from.
@@ -29,7 +32,7 @@ from contract.payloads import RefinementRequest, new_id, now
 from hub.learning.closed_form import ClosedFormHead, solve, sum_stats
 from hub.learning.exact import ExactModel, training_digest
 from hub.ledger import Ledger
-from hub.refinement.features import OUTPUT, Projection, refined_onnx, with_feature_output
+from hub.refinement.features import OUTPUT, Projection, head_name, refined_onnx, with_feature_output
 from hub.refinement.statistics import parse_statistics, to_stats
 from runtime.outcomes import Outcome
 
@@ -41,6 +44,14 @@ class RefinedModel(ExactModel):
     """A model solved from the sites' refinement statistics (its `trained_on` are statistics ids)."""
 
     sites: tuple[str, ...] = ()
+    # One head per extra lambda (rounds.refine_lams), output `head_refined_<i>`, solved from the same summed
+    # statistics as `head`: `head.digest()` names that sum (its `trained_on`), so a refit whose main head is
+    # bit-identical has summed bit-identical statistics, and every extra head is the same function of them.
+    heads: tuple[ClosedFormHead, ...] = ()
+
+    def head_outputs(self) -> dict[str, dict]:
+        """The extra heads' ONNX outputs with their lambda and digest (for the manifest)."""
+        return {head_name(i): {"lam": h.lam, "digest": h.digest()} for i, h in enumerate(self.heads)}
 
 
 class Refinement:
@@ -58,11 +69,12 @@ class Refinement:
         wait_s: float,
         variant: str = "ridge-balanced",
         lam: float = 1e-6,
+        lams: tuple[float, ...] = (),
     ):
         self.ledger, self.projection, self.encoder_onnx = ledger, projection, Path(encoder_onnx)
         self.feature_key = projection.key(encoder_id)
         self.key, self.min_group_size, self.max_payload_bytes = signing_key, min_group_size, max_payload_bytes
-        self.wait_s, self.variant, self.lam = wait_s, variant, lam
+        self.wait_s, self.variant, self.lam, self.lams = wait_s, variant, lam, tuple(lams)
         self._pending_since: float | None = None
 
     # --- the request ---
@@ -118,12 +130,13 @@ class Refinement:
         total = sum_stats(stats)
         t1 = time.perf_counter()
         head = solve(total, variant=self.variant, lam=self.lam)  # type: ignore[arg-type]
+        extra = tuple(solve(total, head.label_names, variant=self.variant, lam=lam) for lam in self.lams)  # type: ignore[arg-type]
         t2 = time.perf_counter()
         digests = {s.contribution_id: s.digest() for s in stats}
         model = RefinedModel(
             onnx=b"", head=head, label_names=head.label_names, trained_on=sorted(digests), stats_digests=digests,
             training_digest=training_digest(digests), synthetic_samples=total.n_samples,
-            sites=tuple(sorted({sites[sid] for sid in digests})),
+            sites=tuple(sorted({sites[sid] for sid in digests})), heads=extra,
         )  # fmt: skip
         model.timings.update(sum_s=t1 - t0, solve_s=t2 - t1)
         return model
@@ -140,15 +153,22 @@ class Refinement:
                         ", ".join(missing))  # fmt: skip
             return None
         t = time.perf_counter()
-        model.onnx = refined_onnx(self.encoder_onnx, self.projection, model.head)
+        model.onnx = refined_onnx(self.encoder_onnx, self.projection, model.head, model.heads)
         model.timings["export_s"] = time.perf_counter() - t
         return model
 
     def refit_from_scratch(self, model: RefinedModel) -> ClosedFormHead:
-        """The head solved again from the stored payloads (parsed anew, nothing cached): what a retrain gives."""
+        """The head solved again from the stored payloads (parsed anew, nothing cached): what a retrain gives.
+
+        Its digest covers the summed statistics (`trained_on`), hence every extra head too; `refit_heads_from_scratch`
+        returns all of them for a check head by head."""
+        return self.refit_heads_from_scratch(model)[0]
+
+    def refit_heads_from_scratch(self, model: RefinedModel) -> list[ClosedFormHead]:
+        """Every head (`logits` first, then `head_refined_<i>`) solved again from the stored payloads."""
         payloads = self.ledger.refinement_payloads(model.trained_on)
-        sites = dict.fromkeys(payloads, "")
-        return self._solve(payloads, sites).head
+        refit = self._solve(payloads, dict.fromkeys(payloads, ""))
+        return [refit.head, *refit.heads]
 
     def removed_with(self, contribution_ids: list[str]) -> list[str]:
         """The statistics that went with removed contributions: they leave the model with them."""

@@ -1,29 +1,52 @@
-"""The refinement round's feature part: the delivered model's random features, projected to `dim` by a seeded matrix.
+"""The refinement round's feature part: what the sites' statistics are computed over, and the refined model's graph.
 
 Every model a refining hub delivers carries a second ONNX output, `fedge_refine_features` [N, dim]:
-the random Fourier features phi [N, D] that the closed-form model already computes, times a fixed
-Gaussian projection P [D, dim] (entries N(0, 1/dim), drawn from the seed and held as float32 in the
-model). A site runs its installed model with onnxruntime and reads that output; it never needs torch
-or the projection's seed. The refined model is the same graph with the head solved over z = phi P:
-logits = z A + c = phi (P A) + c, so it is written with the closed-form model's own ONNX composer.
+a fixed Gaussian projection P [D_in, dim] (entries N(0, 1/dim), drawn from the seed and held as float32
+in the model) of one of two inputs (`rounds.refine_features`):
+
+  rff        the random Fourier features phi [N, 1024] that the closed-form model already computes
+             (bandwidth and count from hub/learning/closed_form.FeatureMap): a kernel head;
+  embedding  the encoder's embedding e [N, E] itself (unit norm): a linear head, as Fed3R and the
+             bench's closed-form row do.
+
+A site runs its installed model with onnxruntime and reads that output whatever its input is; it
+never needs torch or the projection's seed. The refined model is the encoder followed by the head
+solved over z = x P, folded as logits = x (P A) + c (x = phi or e), plus the feature output again,
+plus one more output of logits per extra ridge lambda (`rounds.refine_lams`): `head_refined_<i>` =
+z A_i + c_i for the i-th lambda, all solved from the same summed statistics, so the delivery gate
+can choose lambda on the sites' held-out evaluations (hub/delivery/gate.py). Output order:
+`logits`, `fedge_refine_features`, `head_refined_0`, `head_refined_1`, ...
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from hub.learning.closed_form import ClosedFormHead, FeatureMap, to_onnx
+from edge.encoder import InputSpec
+from hub.learning.closed_form import ClosedFormHead, FeatureMap, _take_site_images, to_onnx
 
 FEATURES = "fedge_features"  # the random features phi inside the closed-form model (hub/learning/closed_form.py)
+EMBEDDING = "fedge_embedding"  # the encoder's embedding in a refined model over the embedding
+RFF_PROJ = "fedge_rff_proj"  # MatMul(embedding, W) in a closed-form model: its first input is the embedding
 OUTPUT = "fedge_refine_features"
+HEAD_PREFIX = "head_refined_"  # extra heads: head_refined_<i> for the i-th of rounds.refine_lams
+Kind = Literal["rff", "embedding"]
+KINDS: tuple[str, ...] = ("rff", "embedding")
+
+
+def head_name(i: int) -> str:
+    """The ONNX output of the refined model's head for the i-th extra lambda."""
+    return f"{HEAD_PREFIX}{i}"
 
 
 def _rng(*parts: object) -> np.random.Generator:
@@ -33,52 +56,150 @@ def _rng(*parts: object) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class Projection:
-    """A seeded Gaussian projection of the D random features to `dim` dimensions."""
+    """A seeded Gaussian projection of the random features (`rff`) or of the embedding (`embedding`) to `dim`."""
 
     feature_map: FeatureMap
     dim: int = 96
     seed: int = 0
+    kind: Kind = "rff"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown refinement features {self.kind!r}; expected one of {KINDS}")
+
+    @property
+    def d_in(self) -> int:
+        """Dimension of what is projected: D random features, or the embedding's E."""
+        return self.feature_map.n_features if self.kind == "rff" else self.feature_map.dim
 
     @cached_property
     def matrix(self) -> np.ndarray:
-        """P [D, dim], float32: the values the ONNX model holds."""
-        d_in = self.feature_map.n_features
-        rng = _rng("fedge/refine-projection", self.seed, self.feature_map.key(), self.dim)
-        return (rng.standard_normal((d_in, self.dim)) / np.sqrt(self.dim)).astype(np.float32)
+        """P [D_in, dim], float32: the values the ONNX model holds."""
+        extra = () if self.kind == "rff" else (self.kind,)  # rff keeps the matrix (and key) it always had
+        rng = _rng("fedge/refine-projection", self.seed, self.feature_map.key(), self.dim, *extra)
+        return (rng.standard_normal((self.d_in, self.dim)) / np.sqrt(self.dim)).astype(np.float32)
 
     def key(self, encoder_id: str) -> str:
         """Names everything that changes a site's statistics: the encoder, the feature map, the projection."""
         cfg = {"encoder": encoder_id, "features": self.feature_map.key(), "dim": self.dim, "seed": self.seed}
+        if self.kind != "rff":
+            cfg["kind"] = self.kind
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
-    def transform(self, features: np.ndarray) -> np.ndarray:
-        """z [n, dim] (float64) of random features phi [n, D] (the hub-side twin of the ONNX output, for tests)."""
-        return np.asarray(features, np.float64) @ self.matrix.astype(np.float64)
+    def transform(self, inputs: np.ndarray) -> np.ndarray:
+        """z [n, dim] (float64) of what is projected: random features phi [n, D] (rff) or embeddings [n, E]."""
+        return np.asarray(inputs, np.float64) @ self.matrix.astype(np.float64)
+
+    def features(self, embeddings: np.ndarray) -> np.ndarray:
+        """z [n, dim] (float64) of encoder embeddings [n, E]: the hub-side twin of the ONNX output a site reads."""
+        if self.kind == "rff":
+            return self.transform(self.feature_map.transform(embeddings))
+        return self.transform(embeddings)
+
+
+def _source(graph: onnx.GraphProto, kind: str) -> str:
+    """The tensor the projection multiplies: phi (rff) or the embedding, found in a closed-form or refined graph."""
+    produced = {o for node in graph.node for o in node.output}
+    if kind == "rff":
+        if FEATURES not in produced:
+            raise ValueError(f"the model has no {FEATURES!r} tensor: only closed-form models can be refined")
+        return FEATURES
+    if EMBEDDING in produced:
+        return EMBEDDING
+    for node in graph.node:
+        if RFF_PROJ in node.output:
+            return node.input[0]
+    raise ValueError("the model has no embedding the refinement can project: only closed-form models can be refined")
 
 
 def with_feature_output(model_bytes: bytes, projection: Projection) -> bytes:
-    """The closed-form model with `fedge_refine_features` = phi P added as a second output (logits stay first)."""
+    """The model with `fedge_refine_features` = x P added as its second output (logits stay first)."""
     model = onnx.load_from_string(model_bytes)
     graph = model.graph
-    produced = {o for node in graph.node for o in node.output}
-    if FEATURES not in produced:
-        raise ValueError(f"the model has no {FEATURES!r} tensor: only closed-form models can be refined")
-    if OUTPUT in produced:
+    src = _source(graph, projection.kind)
+    if OUTPUT in {o for node in graph.node for o in node.output}:
         return model_bytes
     graph.initializer.append(numpy_helper.from_array(projection.matrix, name="fedge_refine_p"))
-    graph.node.append(helper.make_node("MatMul", [FEATURES, "fedge_refine_p"], [OUTPUT]))
+    graph.node.append(helper.make_node("MatMul", [src, "fedge_refine_p"], [OUTPUT]))
     batch = graph.input[0].type.tensor_type.shape.dim[0]
-    graph.output.append(
-        helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [batch.dim_param or None, projection.dim])
+    graph.output.insert(
+        1, helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [batch.dim_param or None, projection.dim])
     )
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
 
-def refined_onnx(encoder_onnx: Path, projection: Projection, head: ClosedFormHead) -> bytes:
-    """The refined model: encoder -> random features -> (P, head over z) -> logits, plus the feature output."""
+def _linear_onnx(encoder_onnx: Path, head: ClosedFormHead) -> bytes:
+    """encoder -> embedding (`fedge_embedding`) -> logits = e W + b: the closed-form composer without random features."""
+    model = onnx.load(str(encoder_onnx))
+    graph = model.graph
+    if len(graph.output) != 1:
+        raise ValueError(f"{encoder_onnx}: expected an encoder with one output, got {len(graph.output)}")
+    emb = graph.output[0].name
+    _take_site_images(graph, InputSpec.for_bundle(Path(encoder_onnx).parent))
+    inits = {"fedge_head_w": head.weights.astype(np.float32), "fedge_head_b": head.bias.astype(np.float32)}
+    taken = {i.name for i in graph.initializer} | {n for node in graph.node for n in node.output}
+    clash = sorted(taken & (set(inits) | {"logits", EMBEDDING}))
+    if clash:
+        raise ValueError(f"{encoder_onnx}: names {clash} already exist in the encoder graph")
+    graph.initializer.extend(numpy_helper.from_array(v, name=k) for k, v in inits.items())
+    graph.node.extend([
+        helper.make_node("Identity", [emb], [EMBEDDING]),
+        helper.make_node("MatMul", [EMBEDDING, "fedge_head_w"], ["fedge_head_proj"]),
+        helper.make_node("Add", ["fedge_head_proj", "fedge_head_b"], ["logits"]),
+    ])  # fmt: skip
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    del graph.output[:]
+    graph.output.append(
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch.dim_param or None, len(head.label_names)])
+    )
+    del model.metadata_props[:]
+    helper.set_model_props(model, {
+        "fedge.labels": json.dumps(list(head.label_names)),
+        "fedge.head": json.dumps({"variant": head.variant, "lam": head.lam, "digest": head.digest()}),
+        "fedge.trained_on": head.trained_on,
+    })  # fmt: skip
+    model.producer_name, model.producer_version = "fedge", "closed-form"
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def refined_onnx(
+    encoder_onnx: Path, projection: Projection, head: ClosedFormHead, extra: Sequence[ClosedFormHead] = ()
+) -> bytes:
+    """The refined model: encoder -> (phi or embedding) -> (P A) + c = `logits`, the feature output, and one
+    `head_refined_<i>` output (logits over the same labels, z A_i + c_i) per head in `extra`."""
     folded = ClosedFormHead(
         projection.matrix.astype(np.float64) @ head.weights, head.bias, head.label_names, head.variant, head.lam,
         head.trained_on,
     )  # fmt: skip
-    return with_feature_output(to_onnx(encoder_onnx, projection.feature_map, folded), projection)
+    base = (
+        to_onnx(encoder_onnx, projection.feature_map, folded)
+        if projection.kind == "rff"
+        else _linear_onnx(encoder_onnx, folded)
+    )
+    data = with_feature_output(base, projection)
+    if not extra:
+        return data
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    described = []
+    for i, h in enumerate(extra):
+        if tuple(h.label_names) != tuple(head.label_names):
+            raise ValueError(f"extra head {i} has labels {h.label_names}; the model's are {head.label_names}")
+        w, b, name = f"fedge_refined_w{i}", f"fedge_refined_b{i}", head_name(i)
+        graph.initializer.extend([numpy_helper.from_array(h.weights.astype(np.float32), w),
+                                  numpy_helper.from_array(h.bias.astype(np.float32), b)])  # fmt: skip
+        graph.node.extend([helper.make_node("MatMul", [OUTPUT, w], [f"{name}_proj"]),
+                           helper.make_node("Add", [f"{name}_proj", b], [name])])  # fmt: skip
+        graph.output.append(
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch.dim_param or None, len(h.label_names)])
+        )
+        described.append({"output": name, "variant": h.variant, "lam": h.lam, "digest": h.digest()})
+    props = {p.key: p.value for p in model.metadata_props}
+    props["fedge.refined_heads"] = json.dumps(described)
+    del model.metadata_props[:]
+    helper.set_model_props(model, props)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()

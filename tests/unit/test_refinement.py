@@ -16,7 +16,7 @@ from edge.contribution import make_contribution
 from edge.refine import make_statistics, projected_features, statistics
 from hub.learning.closed_form import ContributionStats, FeatureExtractor, FeatureMap, solve, sum_stats
 from hub.ledger import Ledger
-from hub.refinement.features import OUTPUT, Projection, refined_onnx, with_feature_output
+from hub.refinement.features import OUTPUT, Projection, head_name, refined_onnx, with_feature_output
 from hub.refinement.statistics import parse_statistics, to_stats
 from runtime.outcomes import Rejected
 
@@ -153,6 +153,48 @@ def test_refinement_needs_the_closed_form_model() -> None:
 
     from hub.config import HubSettings
 
-    assert HubSettings(rounds={"refine": True}).rounds.refine_dim == 96
+    r = HubSettings(rounds={"refine": True}).rounds
+    assert (r.refine_features, r.refine_dim, r.refine_lam, r.refine_lams) == ("embedding", 128, 1e-4, [1e-2])
+    with pytest.raises(ValidationError, match="refine_lams"):
+        HubSettings(rounds={"refine": True, "refine_lams": [0.0]})
     with pytest.raises(ValidationError, match="rounds.refine needs model closed_form"):
         HubSettings(rounds={"refine": True}, model="cnn")
+
+
+def test_over_the_embedding_the_model_outputs_its_projection_and_every_lambda_is_a_head(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """refine_features embedding: z = e P over the encoder's embedding, read from the synthesis model and from the
+    refined one; extra lambdas are outputs head_refined_<i> after the feature output, each the solved head's logits."""
+    from hub.learning.closed_form import ClosedFormHead, to_onnx
+
+    fm = FeatureMap(dim=8, n_features=64, bandwidth=0.7, seed=3)
+    proj = Projection(fm, dim=6, seed=0, kind="embedding")
+    assert proj.matrix.shape == (8, 6) and proj.key("enc") != Projection(fm, dim=6, seed=0).key("enc")
+    images = np.random.default_rng(1).random((40, 1, 8, 8), dtype=np.float32)
+    labels = [str(i % 3) for i in range(40)]
+    emb = FeatureExtractor(tiny_bundle / "encoder.onnx", fm).embed(images)
+    z = proj.features(emb)
+    assert np.abs(z - emb.astype(np.float64) @ proj.matrix.astype(np.float64)).max() < 1e-12
+    # The synthesis (closed-form) model a refining hub delivers first: its embedding is projected.
+    dummy = ClosedFormHead(np.zeros((64, 3)), np.zeros(3), ("0", "1", "2"), "ridge-balanced", 1e-6, "x")
+    first = tmp_path / "first.onnx"
+    first.write_bytes(with_feature_output(to_onnx(tiny_bundle / "encoder.onnx", fm, dummy), proj))
+    assert np.abs(projected_features(first, "image", OUTPUT, images) - z).max() < 1e-4
+    total = sum_stats([ContributionStats.from_features("a" * 32, KEY, z, np.array(labels))])
+    head = solve(total, lam=1e-4)
+    extra = [solve(total, head.label_names, lam=lam) for lam in (1e-6, 1e-1)]
+    path = tmp_path / "refined.onnx"
+    path.write_bytes(refined_onnx(tiny_bundle / "encoder.onnx", proj, head, extra))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits", OUTPUT, head_name(0), head_name(1)]
+    logits, out, h0, h1 = sess.run(None, {"image": images})
+    assert np.abs(out - z).max() < 1e-4
+    assert np.abs(logits - head.logits(z)).max() < 1e-3
+    assert np.abs(h0 - extra[0].logits(z)).max() < 1e-3 and np.abs(h1 - extra[1].logits(z)).max() < 1e-3
+    assert not np.allclose(h0, h1)  # the lambdas give different heads
+    meta = {p.key: p.value for p in __import__("onnx").load(str(path)).metadata_props}
+    assert [h["lam"] for h in json.loads(meta["fedge.refined_heads"])] == [1e-6, 1e-1]
+    assert with_feature_output(path.read_bytes(), proj) == path.read_bytes()
+    with pytest.raises(ValueError, match="only closed-form models"):
+        with_feature_output((tiny_bundle / "encoder.onnx").read_bytes(), proj)
