@@ -43,6 +43,9 @@ from contract.payloads import Contribution
 from hub.framu.features import DAY_S, FEATURE_NAMES, SiteEvaluation, features
 
 STATE_FORMAT = 1
+# Features added after STATE_FORMAT 1 was first saved: a saved state without them is completed from the prior.
+ADDED_FEATURES = ("loo_gain",)
+HEAD_VERSIONS_KEPT = 16  # model versions whose leave-one-out head names the state remembers
 
 # The value of each feature for a contribution with nothing against it: the policy scores the
 # difference, so the bias alone is the logit of such a contribution. "median": the median over the
@@ -57,6 +60,7 @@ FEATURE_REFERENCE: dict[str, float | str] = {
     "log_site_idle_days": "median",
     "log_count_ratio": 0.0,
     "encoder_majority": 1.0,
+    "loo_gain": 0.0,
 }
 
 
@@ -83,6 +87,7 @@ PRIOR: dict[str, float] = {
     "log_site_idle_days": 0.0,
     "log_count_ratio": 0.0,
     "encoder_majority": 4.0,
+    "loo_gain": 0.0,
 }
 
 
@@ -111,6 +116,10 @@ class FramuConfig:
     min_support: int = 3  # other sites holding a label before a disagreement with its class mean counts in full
     require_evaluation: bool = True  # a round counts towards a streak only once the site's evaluation is in
     learn: bool = True  # False: the fixed attention policy (features alone, no exploration, no updates)
+    # Counterfactual evidence (docs/framu.md): which contributions get a leave-one-out head in a round's model.
+    loo_below: float = 0.0  # a contribution whose noise-free attention is below this wants one (0: none is asked)
+    loo_max: int = 2  # at most this many leave-one-out heads per model, lowest attention first
+    loo_window: int = 1  # model versions pooled into loo_gain (the newest with a head for the contribution)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -128,6 +137,10 @@ class FramuConfig:
             raise ValueError(f"consensus must be 'median' or 'mean', got {self.consensus!r}")
         if self.min_support < 1:
             raise ValueError(f"min_support must be at least 1, got {self.min_support}")
+        if not 0.0 <= self.loo_below <= 1.0:
+            raise ValueError(f"loo_below must be in [0, 1], got {self.loo_below}")
+        if self.loo_max < 0 or self.loo_window < 1:
+            raise ValueError(f"loo_max must be >= 0 and loo_window >= 1, got {self.loo_max}, {self.loo_window}")
         if self.reward_aggregate not in ("median", "mean", "trimmed"):
             raise ValueError(f"reward_aggregate must be 'median', 'mean' or 'trimmed', got {self.reward_aggregate!r}")
 
@@ -188,11 +201,15 @@ class Framu:
             "pending": None,  # the proposal awaiting its reward
             "last": {},  # last reward, td_error, model_version
             "rounds": 0,  # rewards received
+            "head_roles": {},  # model version (str) -> {leave-one-out head name: contribution id}, newest few
         }
         if state is None:
             state = fresh
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown FRAMU state format {state.get('format')!r}; expected {STATE_FORMAT}")
+        # A state saved before a feature existed gets that feature's prior coefficient (it had no say then).
+        prior = dict(config.prior)
+        state = {**state, "theta": {**{n: float(prior.get(n, 0.0)) for n in ADDED_FEATURES}, **state["theta"]}}
         missing = sorted(set(FEATURE_NAMES) - set(state["theta"]))
         if missing:
             raise ValueError(f"FRAMU state lacks policy parameters for features {missing}")
@@ -213,11 +230,36 @@ class Framu:
         score = sum(theta[n] * float(z[i]) for i, n in enumerate(FEATURE_NAMES))
         return self.config.bias + score + float(self._s["offsets"].get(cid, 0.0))
 
+    def _features(
+        self, contributions: list[Contribution], evaluations: list[SiteEvaluation], now: datetime
+    ) -> dict[str, np.ndarray]:
+        cfg = self.config
+        return features(contributions, evaluations, now, cfg.consensus, cfg.min_support, cfg.loo_window)
+
+    def loo_wanted(
+        self,
+        contributions: list[Contribution],
+        evaluations: list[SiteEvaluation],
+        now: datetime,
+        pinned: frozenset[str] = frozenset(),
+    ) -> list[str]:
+        """Contribution ids that this round's model should carry a leave-one-out head for, in id order.
+
+        Those whose noise-free attention is below `loo_below`, lowest first, at most `loo_max` of them;
+        never a pinned one (it is never decided), never the only contribution. Reads the state, changes nothing.
+        """
+        cfg = self.config
+        if cfg.loo_max <= 0 or cfg.loo_below <= 0.0 or len(contributions) < 2:
+            return []
+        att = self.attention(contributions, evaluations, now)
+        low = sorted((a, cid) for cid, a in att.items() if a < cfg.loo_below and cid not in pinned)
+        return sorted(cid for _, cid in low[: cfg.loo_max])
+
     def attention(
         self, contributions: list[Contribution], evaluations: list[SiteEvaluation], now: datetime
     ) -> dict[str, float]:
         """Noise-free attention weight in [0, 1] per contribution id; reads the state, changes nothing."""
-        zs = centred(features(contributions, evaluations, now, self.config.consensus, self.config.min_support))
+        zs = centred(self._features(contributions, evaluations, now))
         return {cid: _sigmoid(self._logit(cid, z)) for cid, z in zs.items()}
 
     def weights(
@@ -245,7 +287,7 @@ class Framu:
                 proposal: nothing is pending and reward() will return None for it.
         """
         cfg = self.config
-        feats = features(contributions, evaluations, now, self.config.consensus, self.config.min_support)
+        feats = self._features(contributions, evaluations, now)
         zs = centred(feats)
         ids = sorted(feats)
         # Offsets of contributions no longer active are dropped: ids are never reused.
@@ -275,6 +317,23 @@ class Framu:
                 "weights": out,
             }
         return out
+
+    def record_heads(self, model_version: int, heads: dict[str, str] | None) -> None:
+        """Remember which leave-one-out head of `model_version` leaves out which contribution.
+
+        `heads` is the manifest's head name -> role map; roles `without:<contribution id>` are kept, others
+        ignored. Only the newest HEAD_VERSIONS_KEPT versions are kept (loo_window reads fewer).
+        """
+        loo = {h: r.removeprefix("without:") for h, r in sorted((heads or {}).items()) if r.startswith("without:")}
+        roles = dict(self._s["head_roles"])
+        if loo:
+            roles[str(int(model_version))] = loo
+        keep = sorted(roles, key=int)[-HEAD_VERSIONS_KEPT:]
+        self._s["head_roles"] = {v: roles[v] for v in keep}
+
+    def head_roles(self, model_version: int) -> dict[str, str]:
+        """{leave-one-out head name: contribution id} of a model version ({} when none was recorded)."""
+        return dict(self._s["head_roles"].get(str(int(model_version)), {}))
 
     # ---------------------------------------------------------------------------------------- learning
 
@@ -307,8 +366,10 @@ class Framu:
         self._s["value"] = r if v is None else float(v) + cfg.value_learning_rate * td
         step = float(np.clip(td, -cfg.max_td, cfg.max_td))
         sigma = float(pending.get("sigma", 0.0))
-        # (A proposal saved by an older version, without centred features, is rewarded without an actor step.)
-        if cfg.learn and sigma > 0 and step != 0.0 and pending["eps"] and "centred" in pending:
+        # (A proposal saved by an older version, without centred features or with fewer of them, is rewarded
+        # without an actor step.)
+        lengths = {len(z) for z in pending.get("centred", {}).values()}
+        if cfg.learn and sigma > 0 and step != 0.0 and pending["eps"] and lengths == {len(FEATURE_NAMES)}:
             theta, offsets = self._s["theta"], self._s["offsets"]
             grad = np.zeros(len(FEATURE_NAMES))
             for cid in sorted(pending["eps"]):
@@ -391,8 +452,8 @@ class Framu:
             }
             phi, z = self._s["features"].get(cid), self._s.get("centred", {}).get(cid)
             if phi is not None:
-                figures.update({f"feature_{n}": float(x) for n, x in zip(FEATURE_NAMES, phi, strict=True)})
-            if z is not None:
+                figures.update({f"feature_{n}": float(x) for n, x in zip(FEATURE_NAMES, phi, strict=False)})
+            if z is not None and len(z) == len(FEATURE_NAMES):
                 figures["logit"] = self._logit(cid, np.array(z))
             figures.update({f"theta_{n}": float(t) for n, t in self._s["theta"].items()})
             for key in ("reward", "td_error"):

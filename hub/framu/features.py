@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -27,6 +27,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_site_idle_days",
     "log_count_ratio",
     "encoder_majority",
+    "loo_gain",
 )
 """The features, in the order of every feature vector:
 
@@ -50,17 +51,33 @@ log_age_days        log(1 + days since the contribution was created).
 log_site_idle_days  log(1 + days since the site's newest contribution among those given).
 log_count_ratio     log(samples of the contribution / median samples of all contributions).
 encoder_majority    1 when the contribution's encoder is the one most contributions use, else 0.
+loo_gain            counterfactual evidence: the *other* sites' pooled balanced accuracy of the model without
+                    the contribution (its leave-one-out head) minus that of the full model, pooled over their
+                    held-out confusion matrices of the newest `loo_window` model versions that carried a
+                    leave-one-out head for it. Positive: the contribution hurts the others. 0 when no such
+                    head was evaluated by another site (no evidence either way).
 """
+
+
+Confusion = Sequence[Sequence[int]]  # rows: true label, columns: predicted, in the manifest's label order
 
 
 @dataclass(frozen=True)
 class SiteEvaluation:
-    """What a site reports over the `eval` topic: accuracy of model `model_version` on its local held-out samples."""
+    """What a site reports over the `eval` topic: accuracy of model `model_version` on its local held-out samples.
+
+    With heads (docs/framu.md, "Counterfactual evidence"): `confusion` is the site's held-out confusion
+    matrix of the full model (the `logits` output) and `without` maps a contribution id to the confusion
+    matrix of that version's leave-one-out head for it (the model refitted with the contribution's
+    weight 0). Both None on a report without heads: FRAMU then works from the accuracy alone.
+    """
 
     site_id: str
     model_version: int
     accuracy: float | None
     samples: int
+    confusion: Confusion | None = None
+    without: Mapping[str, Confusion] | None = None
 
 
 def _unit_prototypes(c: Contribution) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -156,12 +173,63 @@ def _latest_accuracy(evaluations: Sequence[SiteEvaluation]) -> dict[str, float]:
     return {s: float(e.accuracy) for s, e in best.items()}  # type: ignore[arg-type]
 
 
+def balanced_accuracy(confusion: np.ndarray) -> float | None:
+    """Mean recall over the labels (rows) that have samples; None when no row has any (as the delivery gate scores)."""
+    support = confusion.sum(1)
+    has = support > 0
+    if not has.any():
+        return None
+    return float(np.mean(np.diag(confusion)[has] / support[has]))
+
+
+def loo_gains(
+    contributions: Sequence[Contribution], evaluations: Sequence[SiteEvaluation], window: int = 1
+) -> dict[str, float]:
+    """Per contribution id with evidence: the other sites' pooled balanced accuracy without it minus with it.
+
+    The newest `window` model versions in which at least one *other* site reported both the full
+    model's confusion matrix and the leave-one-out head's for the contribution are pooled (each
+    site's matrices summed, as if its held-out samples were evaluated once per version). A
+    contribution without such reports is absent from the result (its feature is 0).
+    """
+    site_of = {c.contribution_id: c.site_id for c in contributions}
+    # cid -> version -> (pooled full, pooled without), only from reports of sites other than the contribution's.
+    pooled: dict[str, dict[int, list[np.ndarray]]] = {}
+    for e in evaluations:
+        if e.confusion is None or not e.without:
+            continue
+        full = np.asarray(e.confusion, np.int64)
+        for cid, m in e.without.items():
+            if cid not in site_of or site_of[cid] == e.site_id:
+                continue
+            loo = np.asarray(m, np.int64)
+            if loo.shape != full.shape or full.ndim != 2 or full.shape[0] != full.shape[1]:
+                continue  # a malformed report adds nothing
+            acc = pooled.setdefault(cid, {}).setdefault(
+                int(e.model_version), [np.zeros_like(full), np.zeros_like(full)]
+            )
+            if acc[0].shape != full.shape:
+                continue
+            acc[0] += full
+            acc[1] += loo
+    out = {}
+    for cid, by_version in pooled.items():
+        newest = sorted(by_version)[-max(1, window) :]
+        full = sum(by_version[v][0] for v in newest)
+        loo = sum(by_version[v][1] for v in newest)
+        a, b = balanced_accuracy(full), balanced_accuracy(loo)
+        if a is not None and b is not None:
+            out[cid] = b - a
+    return out
+
+
 def features(
     contributions: Sequence[Contribution],
     evaluations: Sequence[SiteEvaluation],
     now: datetime,
     consensus: str = "median",
     min_support: int = 1,
+    loo_window: int = 1,
 ) -> dict[str, np.ndarray]:
     """One vector (len(FEATURE_NAMES), float64, in FEATURE_NAMES order) per contribution id.
 
@@ -175,6 +243,8 @@ def features(
             (count-weighted over all their prototypes).
         min_support: how many other sites must hold a label before a prototype's disagreement with
             that label's class mean counts in full (`_agreement`); 1 counts every disagreement in full.
+        loo_window: how many of the newest model versions with a leave-one-out head for a contribution
+            pool into its `loo_gain` (`loo_gains`).
     """
     # Id order everywhere: the consensus sums, and so the features' last bits, do not depend on input order.
     contributions = sorted(contributions, key=lambda c: c.contribution_id)
@@ -189,6 +259,7 @@ def features(
     # Ties between encoders: the smallest id wins, so the feature does not depend on input order.
     majority = min(encoders, key=lambda e: (-encoders[e], e)) if encoders else ""
     acc = _latest_accuracy(evaluations)
+    gains = loo_gains(contributions, evaluations, loo_window)
     out: dict[str, np.ndarray] = {}
     for c in contributions:
         # Prototypes of another encoder live in another space: only the same encoder's are compared.
@@ -213,7 +284,7 @@ def features(
         ratio = math.log(max(c.n_samples, 1) / median_size)
         out[c.contribution_id] = np.array(
             [agreement, margin, gap, missing, math.log1p(age_d), math.log1p(idle_d), ratio,
-             1.0 if c.encoder_id == majority else 0.0],
+             1.0 if c.encoder_id == majority else 0.0, gains.get(c.contribution_id, 0.0)],
             np.float64,
         )  # fmt: skip
     return out

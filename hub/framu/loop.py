@@ -2,9 +2,12 @@
 
 The hub calls, from its main loop (never from the MQTT thread):
 
+- `loo_wanted(contributions)` before a round: the contributions whose leave-one-out head the round's
+  model should carry (outputs `head_loo_<n>`, role `without:<contribution id>` in the manifest's `heads`).
 - `round_weights(round_id, contributions)` before a round: the attention of every contribution
   (noise-free) and, in mode `auto`, the explored weights the closed-form model is fitted with.
-- `after_round(version, ...)` once the model is published: the below-threshold streaks move, the
+- `after_round(version, ..., heads=manifest["heads"])` once the model is published (the head roles are
+  kept in FRAMU's state, so the sites' per-head reports on that version can be read after a restart): the below-threshold streaks move, the
   decisions come out (mode `auto`: recorded as unlearned in the ledger, in the same transaction as
   FRAMU's state; mode `recommend`: recorded and reported only), and the state is persisted.
 - `poll()` every loop: when the sites have reported on the newest model (or `eval_wait_s` passed)
@@ -64,11 +67,36 @@ class FramuLoop:
         return frozenset(c.contribution_id for c in contributions if c.contribution_id in pins or c.site_id in pins)
 
     def evaluations(self) -> list[SiteEvaluation]:
-        """Every site's reports (latest per site and model version)."""
-        return [
-            SiteEvaluation(r["site_id"], r["model_version"], r["accuracy"], r["samples"])
-            for r in self.ledger.evaluations()
-        ]
+        """Every site's reports (latest per site and model version), with their per-head confusion matrices.
+
+        A row's `heads` (head name -> confusion matrix, rows true label, columns predicted, the manifest's
+        label order; absent or None on a report without heads) gives the full model's matrix (`logits`)
+        and, for the leave-one-out heads the version's manifest named (`after_round(heads=...)`), the
+        matrix of the model without each contribution.
+        """
+        out = []
+        for r in self.ledger.evaluations():
+            heads = r.get("heads") or {}
+            roles = self.framu.head_roles(r["model_version"]) if heads else {}
+            without = {cid: heads[h] for h, cid in sorted(roles.items()) if heads.get(h) is not None}
+            full = heads.get("logits")
+            if full is None or not without:
+                out.append(SiteEvaluation(r["site_id"], r["model_version"], r["accuracy"], r["samples"]))
+            else:
+                out.append(SiteEvaluation(r["site_id"], r["model_version"], r["accuracy"], r["samples"], full, without))
+        return out
+
+    def loo_wanted(self, contributions: list[Contribution]) -> list[str]:
+        """Contribution ids (sorted) whose leave-one-out head the next round's model should carry; [] when off.
+
+        Asked before a round is trained: those whose noise-free attention is below the configured level,
+        lowest first, at most `loo_max` (FramuConfig); never a pinned one. Each head is the closed-form
+        model refitted with that contribution's weight 0 (`ExactTrainer.fit(..., weights=)`), delivered as
+        the ONNX output `head_loo_<n>` with role `without:<contribution id>` in the manifest's `heads`.
+        """
+        if not self.on or not contributions:
+            return []
+        return self.framu.loo_wanted(contributions, self.evaluations(), now(), self.pinned(contributions))
 
     def round_weights(
         self, round_id: int, contributions: list[Contribution]
@@ -90,10 +118,16 @@ class FramuLoop:
         attention: dict[str, float],
         contributions: list[Contribution],
         trigger: str,
+        heads: dict[str, str] | None = None,
     ) -> list[Decision]:
-        """Streaks and decisions after model `version`; persisted (with the unlearning, in mode auto) at once."""
+        """Streaks and decisions after model `version`; persisted (with the unlearning, in mode auto) at once.
+
+        `heads`: the version's manifest `heads` (head name -> role); the `without:<contribution id>` roles
+        are remembered so that the sites' reports on the version's leave-one-out heads can be read.
+        """
         if not self.on or not attention:
             return []
+        self.framu.record_heads(version, heads)
         at = now()
         decisions = self.framu.decide(applied or attention, contributions, at, self.pinned(contributions))
         state = self.framu.state()

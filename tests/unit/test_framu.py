@@ -325,3 +325,158 @@ def test_with_require_evaluation_prototypes_alone_never_start_a_decision() -> No
         assert agent.decide(w, cs, NOW) == []
     w = agent.weights(cs, evals(cs, 1, {"site-5": 0.1}), NOW, "r3", explore=False)
     assert [d.contribution_id for d in agent.decide(w, cs, NOW)] == [bad]
+
+
+# ------------------------------------------------------------------------------ counterfactual evidence
+
+
+def confusions(correct: int, wrong: int) -> list[list[int]]:
+    """A 3-label confusion matrix with `correct` samples on the diagonal and `wrong` off it, per label."""
+    m = np.zeros((len(LABELS), len(LABELS)), np.int64)
+    for i in range(len(LABELS)):
+        m[i, i] = correct
+        m[i, (i + 1) % len(LABELS)] = wrong
+    return m.tolist()
+
+
+def loo_reports(cs: list[Contribution], version: int, bad: str, gain_rows: int) -> list[SiteEvaluation]:
+    """Every site reports the full model (8 of 10 right per label) and the model without `bad`
+    (8 + gain_rows right); `bad`'s own site claims that leaving it out costs it everything."""
+    out = []
+    for c in cs:
+        own = c.contribution_id == bad
+        loo = confusions(0, 10) if own else confusions(8 + gain_rows, 2 - gain_rows)
+        out.append(SiteEvaluation(c.site_id, version, 0.8, 30, confusions(8, 2), {bad: loo}))
+    return out
+
+
+def test_loo_gain_is_the_other_sites_balanced_accuracy_without_minus_with() -> None:
+    cs = [contribution(i) for i in range(5)]
+    bad = cs[4].contribution_id
+    loo_gain = FEATURE_NAMES.index("loo_gain")
+    # Leaving `bad` out: the other sites go from 0.8 to 0.9 balanced accuracy (its own site's report is ignored).
+    f = features(cs, loo_reports(cs, 3, bad, 1), NOW)
+    assert f[bad][loo_gain] == pytest.approx(0.1)
+    assert all(f[c.contribution_id][loo_gain] == 0.0 for c in cs[:4])  # no head, no evidence
+    # loo_window pools the newest versions that had a head: 0.1 (v3) and -0.2 (v5) pool to -0.05; v1 is too old.
+    history = loo_reports(cs, 1, bad, 2) + loo_reports(cs, 3, bad, 1) + loo_reports(cs, 5, bad, -2)
+    assert features(cs, history, NOW)[bad][loo_gain] == pytest.approx(-0.2)
+    assert features(cs, history, NOW, loo_window=2)[bad][loo_gain] == pytest.approx(-0.05)
+    # Reports without heads: the feature is 0 and every other feature is what it was before.
+    plain = [SiteEvaluation(e.site_id, e.model_version, e.accuracy, e.samples) for e in loo_reports(cs, 3, bad, 1)]
+    fp = features(cs, plain, NOW)
+    assert fp[bad][loo_gain] == 0.0
+    assert np.array_equal(np.delete(fp[bad], loo_gain), np.delete(f[bad], loo_gain))
+
+
+def test_a_contribution_that_hurts_the_others_loses_attention() -> None:
+    cs = [contribution(i) for i in range(5)]
+    bad = cs[4].contribution_id
+    prior = dict(RECOMMENDED.prior) | {"loo_gain": -50.0}
+    agent = Framu(config(prior=tuple(prior.items()), patience=1))
+    before = agent.weights(cs, evals(cs, 3, {}), NOW, "r3", explore=False)
+    after = agent.weights(cs, loo_reports(cs, 3, bad, 1), NOW, "r4", explore=False)
+    assert before[bad] > RECOMMENDED.threshold > after[bad]
+    assert [d.contribution_id for d in agent.decide(after, cs, NOW)] == [bad]
+    # And one whose absence would cost the others attention gains it.
+    helped = agent.weights(cs, loo_reports(cs, 3, bad, -1), NOW, "r5", explore=False)
+    assert helped[bad] > before[bad]
+
+
+def test_loo_wanted_asks_for_the_lowest_attention_contributions_only() -> None:
+    cs = [contribution(i) for i in range(4)] + [contribution(i, flip=True) for i in (4, 5)]
+    flipped = sorted(c.contribution_id for c in cs[4:])
+    assert Framu(config(loo_below=0.0)).loo_wanted(cs, [], NOW) == []  # off
+    agent = Framu(config(loo_below=0.5, loo_max=2))
+    before = agent.state()
+    assert agent.loo_wanted(list(reversed(cs)), [], NOW) == flipped  # id order, whatever the input order
+    assert agent.state() == before  # asking changes nothing
+    one = Framu(config(loo_below=0.5, loo_max=1)).loo_wanted(cs, [], NOW)
+    att = Framu(config()).attention(cs, [], NOW)
+    assert one == [min(flipped, key=att.__getitem__)]
+    assert Framu(config(loo_below=0.5)).loo_wanted(cs, [], NOW, pinned=frozenset(flipped)) == []
+
+
+def test_a_state_saved_before_the_counterfactual_feature_loads_and_continues() -> None:
+    cs = [contribution(i) for i in range(4)]
+    agent = Framu(config())
+    agent.weights(cs, evals(cs, 1, {}), NOW, "r1")
+    old = agent.state()
+    # What a hub saved before loo_gain existed: no theta for it, eight centred features per contribution.
+    del old["theta"]["loo_gain"], old["head_roles"]
+    n = len(FEATURE_NAMES) - 1
+    old["features"] = {c: v[:n] for c, v in old["features"].items()}
+    old["centred"] = {c: v[:n] for c, v in old["centred"].items()}
+    old["pending"]["centred"] = {c: v[:n] for c, v in old["pending"]["centred"].items()}
+    restored = Framu(config(), json.loads(json.dumps(old)))
+    assert restored.state()["theta"]["loo_gain"] == dict(RECOMMENDED.prior)["loo_gain"]
+    assert restored.reward(1, evals(cs, 1, {})) == 0.0  # rewarded; no actor step on the old proposal
+    assert restored.decide({}, cs, NOW) == []
+    assert restored.weights(cs, evals(cs, 2, {}), NOW, "r2", explore=False)
+
+
+class FakeLedger:
+    """Just what FramuLoop reads and writes, with evaluation rows in the ledger's format (`heads` per row)."""
+
+    def __init__(self, contributions: list[Contribution], rows: list[dict]):
+        self.contributions, self.rows, self.saved = contributions, rows, None
+
+    def framu_state(self) -> dict | None:
+        return self.saved
+
+    def framu_rounds(self) -> list[dict]:
+        return []
+
+    def evaluations(self, model_version: int | None = None) -> list[dict]:
+        return [r for r in self.rows if model_version is None or r["model_version"] == model_version]
+
+    def pins(self) -> set[str]:
+        return set()
+
+    def model_versions(self) -> list[dict]:
+        return []
+
+    def active(self) -> list[Contribution]:
+        return self.contributions
+
+    def save_framu(self, state: dict, *args: object, **kwargs: object) -> None:
+        self.saved = state
+
+    def unlearn_automatically(self, decisions: list) -> None:
+        pass
+
+    def record_recommendations(self, decisions: list) -> None:
+        pass
+
+
+def test_framu_loop_reads_the_leave_one_out_heads_the_manifest_named() -> None:
+    from hub.config import FramuSettings
+    from hub.framu.loop import FramuLoop
+    from hub.metrics import HubMetrics
+
+    cs = [contribution(i) for i in range(5)]
+    bad = cs[4].contribution_id
+    # Rows as hub.ledger.Ledger.evaluations gives them: `heads` is head name -> confusion matrix, or None.
+    rows = [
+        {"site_id": e.site_id, "model_version": 3, "samples": e.samples, "accuracy": e.accuracy,
+         "balanced_accuracy": None, "heads": {"logits": e.confusion, "head_loo_1": e.without[bad]}}
+        for e in loo_reports(cs, 3, bad, 1)
+    ]  # fmt: skip
+    ledger = FakeLedger(cs, rows)
+    loop = FramuLoop(FramuSettings(mode="auto"), ledger, 0, HubMetrics())  # type: ignore[arg-type]
+    # Before the manifest's roles are known, the heads are not read: reports as before.
+    assert all(e.without is None for e in loop.evaluations())
+    assert loop.loo_wanted(cs) == loop.framu.loo_wanted(cs, loop.evaluations(), NOW)
+    weights, attention = loop.round_weights(3, cs)
+    loop.after_round(3, weights, attention, cs, "new", heads={"logits": "candidate", "head_loo_1": f"without:{bad}"})
+    (e,) = [e for e in loop.evaluations() if e.site_id == "site-0"]
+    assert e.without == {bad: rows[0]["heads"]["head_loo_1"]} and e.confusion == rows[0]["heads"]["logits"]
+    assert loop.framu.state()["head_roles"] == {"3": {"head_loo_1": bad}}
+    # The roles are in the state the ledger saved: a restarted loop reads the same reports.
+    again = FramuLoop(FramuSettings(mode="auto"), ledger, 0, HubMetrics())  # type: ignore[arg-type]
+    assert again.evaluations() == loop.evaluations()
+    f = features(cs, loop.evaluations(), NOW)
+    assert f[bad][FEATURE_NAMES.index("loo_gain")] == pytest.approx(0.1)
+    # A row without heads (a site that predates them) is read as before.
+    ledger.rows = [{**rows[0], "heads": None}]
+    assert loop.evaluations() == [SiteEvaluation("site-0", 3, 0.8, 30)]
