@@ -16,6 +16,7 @@ Writes bench/results/unlearning.json, unlearning.md, unlearning.png.
     python -m bench.unlearning            # digits and MNIST, 3 seeds, 20 sites, Dirichlet 0.1, k=16
     python -m bench.unlearning --quick    # digits, 1 seed: a couple of minutes
     python -m bench.unlearning --select   # choose D, bandwidth, lambda and the variant on validation data
+    python -m bench.unlearning --quick --refine   # also the refinement round (rounds.refine* defaults): -refine files
 
 The hyper-parameters of the head are chosen by `--select`, which never reads the test split: sites
 are simulated on 70 % of the public split and models scored on the other 30 % (bench/tune_synthesis's
@@ -83,6 +84,7 @@ class Setting:
     bandwidth: float = 0.7
     variant: str = "ridge-balanced"
     lam: float = 1e-6
+    refine: bool = False  # --refine: also the refinement round (rounds.refine* defaults), forgotten and re-solved
 
 
 QUICK = Setting(datasets=("digits",), seeds=(0,))
@@ -262,6 +264,84 @@ def forget_plan(
     return gone, {s for s, p in enumerate(parts) if np.isin(p, gone).any()}
 
 
+def refine_payloads(
+    w: World, parts: dict[str, np.ndarray], proj, st: Setting, extractor: FeatureExtractor
+) -> dict[str, bytes]:
+    """Each site's refinement statistics as it sends them (edge.refine: float32 JSON), keyed by contribution id:
+    the site encodes its own images (fixed batches) and projects them (`proj.features`, the twin of the model's
+    `fedge_refine_features` output). Sites without a label of at least the minimum group send nothing."""
+    from contract.payloads import RefinementRequest
+    from edge.refine import make_statistics, statistics
+
+    request = RefinementRequest.model_construct(feature_key=proj.key(w.fm.encoder_id), model_version=1)
+    out = {}
+    for cid, idx in parts.items():
+        if not len(idx):
+            continue
+        z = proj.features(extractor.embed(w.data.images[idx]))
+        made = statistics(z, list(np.array(w.data.label_names)[w.data.labels[idx]]), st.min_group_size)
+        if made is not None:
+            out[cid] = (
+                make_statistics(f"site-{cid[:8]}", request, cid, st.min_group_size, *made).model_dump_json().encode()
+            )
+    return out
+
+
+def refined_model(payloads: dict[str, bytes], w: World, proj, st: Setting) -> tuple[bytes, list]:
+    """What the hub's refinement round does with the active statistics (hub.refinement.Refinement._solve and fit):
+    parse, sum in id order, solve the `logits` head and one head per extra lambda, compose the refined ONNX."""
+    from contract.payloads import RefinementStatistics
+    from hub.config import RoundPolicy
+    from hub.refinement.features import refined_onnx
+    from hub.refinement.statistics import to_stats
+
+    rp = RoundPolicy()
+    stats = [to_stats(RefinementStatistics.model_validate_json(payloads[k])) for k in sorted(payloads)]
+    total = sum_stats(stats)
+    head = solve(total, variant=st.variant, lam=rp.refine_lam)  # type: ignore[arg-type]
+    extra = [solve(total, head.label_names, variant=st.variant, lam=lam) for lam in rp.refine_lams]  # type: ignore[arg-type]
+    return refined_onnx(bundled.path(w.name) / "encoder.onnx", proj, head, extra), [head, *extra]
+
+
+def refine_case(
+    w: World, st: Setting, proj, stored: dict[str, bytes], site_idx: dict[str, np.ndarray], parts, affected: set[int],
+    gone: np.ndarray, contribs: dict, seed: int, case: str, extractor: FeatureExtractor, row: dict, preds: dict,
+    y_test: np.ndarray,
+) -> dict:  # fmt: skip
+    """One forget case through the refinement round. Unlearned: the removed sites' stored statistics dropped, the
+    superseding statistics of what they kept added (computed at the sites, timed apart), re-summed, solved (every
+    head), composed. Retrained: every remaining site recomputes its statistics from its images, then the same solve."""
+    removed = {contribs[s].contribution_id for s in affected}
+    left = {contribution_id(seed, s, case, "refine"): parts[s][~np.isin(parts[s], gone)] for s in sorted(affected)}
+    t = time.perf_counter()
+    superseding = refine_payloads(w, left, proj, st, extractor)
+    site_s = time.perf_counter() - t
+    t = time.perf_counter()
+    kept = {k: v for k, v in stored.items() if k not in removed} | superseding
+    unlearned, heads_u = refined_model(kept, w, proj, st)
+    unlearn_s = time.perf_counter() - t
+    t = time.perf_counter()
+    remaining = {k: v for k, v in site_idx.items() if k not in removed} | left
+    fresh_extractor = FeatureExtractor(bundled.path(w.name) / "encoder.onnx", proj.feature_map)
+    retrained, heads_r = refined_model(refine_payloads(w, remaining, proj, st, fresh_extractor), w, proj, st)
+    retrain_s = time.perf_counter() - t
+    names = tuple(json.loads(ort.InferenceSession(unlearned).get_modelmeta().custom_metadata_map["fedge.labels"]))
+    x_test = w.data.images[w.split.test]
+    p_u = probs_of(unlearned, names, w, x_test).argmax(1)
+    p_r = probs_of(retrained, names, w, x_test).argmax(1)
+    same = all(np.array_equal(a.weights, b.weights) and np.array_equal(a.bias, b.bias) for a, b in zip(heads_u, heads_r, strict=True))  # fmt: skip
+    return {
+        "refine_features": proj.kind, "refine_heads": len(heads_u),
+        "refine_acc_unlearned": float((p_u == y_test).mean()), "refine_acc_retrained": float((p_r == y_test).mean()),
+        "refine_bal_acc_unlearned": float(balanced_accuracy_score(y_test, p_u)),
+        "refine_bal_acc_retrained": float(balanced_accuracy_score(y_test, p_r)),
+        "refine_agreement": float((p_u == p_r).mean()), "refine_bit_identical": bool(same and unlearned == retrained),
+        "refine_unlearn_s": unlearn_s, "refine_retrain_s": retrain_s, "refine_superseding_site_s": site_s,
+        "refine_speedup_vs_cnn": row["cnn_retrain_s"] / unlearn_s, "refine_speedup_vs_retrain": retrain_s / unlearn_s,
+        "refine_acc_minus_cnn": float((p_u == y_test).mean()) - row["acc_cnn_retrained"],
+    }  # fmt: skip
+
+
 def run_seed(w: World, st: Setting, seed: int, cache: Path, log) -> list[dict]:
     """Every forget case for one dataset and one seed."""
     torch.manual_seed(derive(seed, "torch"))
@@ -288,6 +368,15 @@ def run_seed(w: World, st: Setting, seed: int, cache: Path, log) -> list[dict]:
         f"model {time.perf_counter() - t:.1f} s")  # fmt: skip
 
     x_test, y_test = data.images[sp.test], data.labels[sp.test]
+    if st.refine:
+        from hub.config import RoundPolicy
+        from hub.refinement.features import Projection
+
+        rp = RoundPolicy()
+        proj = Projection(fmap, rp.refine_dim, derive(seed, "refine") % 2**31, rp.refine_features)
+        site_idx = {contribs[s].contribution_id: p for s, p in enumerate(parts)}
+        refine_stored = refine_payloads(w, site_idx, proj, st, extractor)
+        refine_up = float(np.mean([len(p) for p in refine_stored.values()]))
     rows = []
     for case in CASES:
         gone, affected = forget_plan(w, parts, case, st, seed)
@@ -357,6 +446,14 @@ def run_seed(w: World, st: Setting, seed: int, cache: Path, log) -> list[dict]:
             speedup_vs_cnn_with_synthesis=(cnn_s + new_synth_s) / (unlearn_s + new_synth_s),
             stats_mb_per_contribution=mb, n_features=st.n_features, variant=st.variant, lam=st.lam,
         )  # fmt: skip
+        if st.refine:
+            row.update(refine_case(w, st, proj, refine_stored, site_idx, parts, affected, gone, contribs, seed, case,
+                                   extractor, row, preds, y_test))  # fmt: skip
+            row["refine_bytes_up_per_site"] = refine_up
+            log(f"[{w.name} seed {seed} {case}] refinement ({row['refine_features']}, dim {rp.refine_dim}): bal. acc "
+                f"unlearned {row['refine_bal_acc_unlearned']:.4f} retrained {row['refine_bal_acc_retrained']:.4f}, agree "
+                f"{row['refine_agreement']:.4f} bit-identical {row['refine_bit_identical']}, unlearn "
+                f"{row['refine_unlearn_s']:.2f} s vs refit {row['refine_retrain_s']:.2f} s")  # fmt: skip
         rows.append(row)
         log(f"[{w.name} seed {seed} {case}] forgot {len(gone)} ({len(affected)} sites): acc before/unl/retr/CNN "
             f"{row['acc_before']:.4f}/{row['acc_unlearned']:.4f}/{row['acc_retrained']:.4f}/{row['acc_cnn_retrained']:.4f}, "
@@ -450,7 +547,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean and spread over seeds per (dataset, case)."""
     out = []
-    skip = {"dataset", "seed", "case", "variant", "bit_identical"}
+    skip = {"dataset", "seed", "case", "variant", "bit_identical", "refine_features", "refine_bit_identical"}
     for ds, case in sorted({(r["dataset"], r["case"]) for r in rows}, key=lambda k: (k[0], CASES.index(k[1]))):
         grp = [r for r in rows if (r["dataset"], r["case"]) == (ds, case)]
         s: dict = {
@@ -459,6 +556,9 @@ def summarize(rows: list[dict]) -> list[dict]:
             "seeds": len(grp),
             "bit_identical_all": all(r["bit_identical"] for r in grp),
         }
+        if "refine_bit_identical" in grp[0]:
+            s["refine_bit_identical_all"] = all(r["refine_bit_identical"] for r in grp)
+            s["refine_features"] = grp[0]["refine_features"]
         for key in grp[0]:
             if key in skip or grp[0][key] is None or isinstance(grp[0][key], bool):
                 continue
@@ -527,6 +627,30 @@ def markdown(summary: list[dict], meta: dict) -> str:
             f"{s['onnx_vs_numpy_max_abs']:.1e} | {pm(s, 'unlearn_s', 2)} | {pm(s, 'cf_retrain_s', 2)} | {pm(s, 'cnn_retrain_s', 1)} | "
             f"{pm(s, 'speedup_vs_cnn', 1)}x | {pm(s, 'superseding_synthesis_s', 1)} | {pm(s, 'speedup_vs_cnn_with_synthesis', 2)}x |"
         )
+    if summary and "refine_bit_identical_all" in summary[0]:
+        lines += [
+            "",
+            "## With the refinement round (--refine)",
+            "",
+            "The delivered model is the refinement round's (rounds.refine* defaults: features "
+            f"{summary[0]['refine_features']}, every extra lambda a head): the sites' statistics of their own images. "
+            "*Unlearned*: the removed sites' stored statistics dropped, the superseding statistics of what they kept "
+            "added (made at the sites, timed apart), re-summed in id order, every head solved, ONNX composed. "
+            "*Retrained*: every remaining site recomputes its statistics from its images, then the same solve. "
+            "Speed-up vs CNN: the CNN retrain of the same case (today's monolithic model) over the unlearning time.",
+            "",
+            "| dataset | case | bal. acc unlearned | retrained | acc unlearned − CNN retrained | agreement | bit-identical (every head + ONNX bytes) | "
+            "unlearn s | refit from scratch s | superseding statistics at the sites s | speed-up vs CNN | speed-up vs refit | up/site |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in summary:
+            lines.append(
+                f"| {s['dataset']} | {s['case']} | {pm(s, 'refine_bal_acc_unlearned')} | {pm(s, 'refine_bal_acc_retrained')} | "
+                f"{s['refine_acc_minus_cnn']:+.3f} | {s['refine_agreement']:.4f} | "
+                f"{'yes, every seed' if s['refine_bit_identical_all'] else '**no**'} | {pm(s, 'refine_unlearn_s', 3)} | "
+                f"{pm(s, 'refine_retrain_s', 2)} | {pm(s, 'refine_superseding_site_s', 2)} | {pm(s, 'refine_speedup_vs_cnn', 0)}x | "
+                f"{pm(s, 'refine_speedup_vs_retrain', 1)}x | {s['refine_bytes_up_per_site'] / 1024:.1f} KiB |"
+            )
     lines += [
         "",
         "## Forgotten samples and membership inference",
@@ -616,23 +740,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--cache", type=Path, help="synthesis cache directory (default: a temporary one)")
+    ap.add_argument("--refine", action="store_true", help="also the refinement round (rounds.refine* defaults)")
     args = ap.parse_args(argv)
     st = QUICK if args.quick else Setting()
     if args.datasets:
         st = replace(st, datasets=tuple(args.datasets))
     if args.seeds:
         st = replace(st, seeds=tuple(args.seeds))
+    if args.refine:
+        st = replace(st, refine=True)
     torch.set_num_threads(1)  # the bench machine is shared; one thread also keeps timings comparable
     start = time.perf_counter()
     log = lambda s: print(f"{time.perf_counter() - start:7.1f}s {s}", flush=True)  # noqa: E731
     command = "python -m bench.unlearning" + " ".join(
         [""] + (["--quick"] if args.quick else []) + (["--select"] if args.select else [])
         + (["--datasets", *args.datasets] if args.datasets else []) + (["--seeds", *map(str, args.seeds)] if args.seeds else [])
+        + (["--refine"] if args.refine else [])
     )  # fmt: skip
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread"
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    stem = "unlearning-quick" if args.quick else "unlearning"
+    stem = ("unlearning-quick" if args.quick else "unlearning") + ("-refine" if args.refine else "")
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or Path(tmp)
         worlds = {name: load_world(name) for name in st.datasets}

@@ -34,11 +34,12 @@ class RoundPolicy(BaseModel):
         description="Closed-form refinement round (docs/unlearning.md): sites send additive statistics of the "
         "delivered model's projected features and the hub solves the head from them exactly (model closed_form).",
     )
-    refine_features: Literal["rff", "embedding"] = Field(
-        default="embedding",
+    refine_features: Literal["auto", "rff", "embedding"] = Field(
+        default="auto",
         description="What the sites' statistics are computed over (hub/refinement/features.py): the encoder's "
-        "embedding (a linear head, as Fed3R) or the closed-form model's random Fourier features (a kernel head). "
-        "embedding chosen on validation carves of ELPV mono and digits with the general encoder (docs/evaluate.md).",
+        "embedding (a linear head, as Fed3R) or the closed-form model's random Fourier features (a kernel head); "
+        "auto: the embedding when it has at least refine_dim dimensions (the general encoder), else the random "
+        "features (the bundled digits encoder). Chosen on validation carves (docs/evaluate.md).",
     )
     refine_dim: int = Field(
         default=128, ge=8, le=512,

@@ -2,7 +2,8 @@
 
 Every model a refining hub delivers carries a second ONNX output, `fedge_refine_features` [N, dim]:
 a fixed Gaussian projection P [D_in, dim] (entries N(0, 1/dim), drawn from the seed and held as float32
-in the model) of one of two inputs (`rounds.refine_features`):
+in the model) of one of two inputs (`rounds.refine_features`; `auto`, the default, takes the embedding
+when it has at least `dim` dimensions, else the random features: `resolve_kind`):
 
   rff        the random Fourier features phi [N, 1024] that the closed-form model already computes
              (bandwidth and count from hub/learning/closed_form.FeatureMap): a kernel head;
@@ -40,8 +41,18 @@ EMBEDDING = "fedge_embedding"  # the encoder's embedding in a refined model over
 RFF_PROJ = "fedge_rff_proj"  # MatMul(embedding, W) in a closed-form model: its first input is the embedding
 OUTPUT = "fedge_refine_features"
 HEAD_PREFIX = "head_refined_"  # extra heads: head_refined_<i> for the i-th of rounds.refine_lams
-Kind = Literal["rff", "embedding"]
-KINDS: tuple[str, ...] = ("rff", "embedding")
+Kind = Literal["auto", "rff", "embedding"]
+KINDS: tuple[str, ...] = ("auto", "rff", "embedding")
+
+
+def resolve_kind(kind: str, embedding_dim: int, dim: int) -> str:
+    """`auto`: the embedding when it is at least as wide as the projection (a wide pretrained encoder such as the
+    general bundle's 1,280 dims, where a linear head is enough), else the random features (a narrow encoder such as
+    the bundled digits one, whose embedding a projection to `dim` could only pad). Chosen on validation carves:
+    docs/evaluate.md."""
+    if kind == "auto":
+        return "embedding" if embedding_dim >= dim else "rff"
+    return kind
 
 
 def head_name(i: int) -> str:
@@ -66,6 +77,7 @@ class Projection:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown refinement features {self.kind!r}; expected one of {KINDS}")
+        object.__setattr__(self, "kind", resolve_kind(self.kind, self.feature_map.dim, self.dim))
 
     @property
     def d_in(self) -> int:

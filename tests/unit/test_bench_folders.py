@@ -82,6 +82,14 @@ def test_every_row_end_to_end_and_the_same_bytes_twice(tiny, tmp_path: Path) -> 
         assert r["recall"] == [round(cm[c, c] / cm[c].sum(), 4) for c in range(2)]
         assert r["balanced_accuracy"] == pytest.approx(np.mean(r["recall"]), abs=1e-4)
         assert r["bytes_up_per_site"] > 0 and r["bytes_down_per_site"] > 0
+    # fedge's rows as the service delivers them: the delivery gate chose a head on the sites' held-out part
+    for r in rows:
+        if r["method"] in ("fedge", "fedge+refine") and "note" not in r:
+            scored = r["gate"]["balanced_accuracy"]
+            assert list(scored)[0] == "logits" and "head_nearest_prototype" in scored and r["served"] in scored
+            assert r["gate"]["samples"] == 3 + 1 + 2 + 1 + 3  # the held-out 20 %, carved as the validation carve
+            if r["method"] == "fedge+refine" and "kept_one_round_model" not in r:
+                assert [h for h in scored if h.startswith("head_refined_")] == ["head_refined_0"]
     methods = {s["method"]: s for s in result["summary"]}
     assert set(methods) == set(folders.METHODS)
     for m in folders.METHODS[:-2]:  # every row but fedge's always runs
@@ -96,6 +104,7 @@ def test_every_row_end_to_end_and_the_same_bytes_twice(tiny, tmp_path: Path) -> 
         assert sel["validation_images"] == 3 + 1 + 2 + 1 + 3  # 20 % of each site's labels, rounded, at least one
     md = (tmp_path / "a" / "tiny.md").read_text()
     assert "recall bar" in md and "balanced accuracy" in md
+    assert "The head the delivery gate served" in md and "80 % of each site's data" in md
     assert (tmp_path / "a" / "tiny.png").stat().st_size > 0
 
     first = (tmp_path / "a" / "tiny.json").read_bytes()

@@ -154,7 +154,7 @@ def test_refinement_needs_the_closed_form_model() -> None:
     from hub.config import HubSettings
 
     r = HubSettings(rounds={"refine": True}).rounds
-    assert (r.refine_features, r.refine_dim, r.refine_lam, r.refine_lams) == ("embedding", 128, 1e-4, [1e-2])
+    assert (r.refine_features, r.refine_dim, r.refine_lam, r.refine_lams) == ("auto", 128, 1e-4, [1e-2])
     with pytest.raises(ValidationError, match="refine_lams"):
         HubSettings(rounds={"refine": True, "refine_lams": [0.0]})
     with pytest.raises(ValidationError, match="rounds.refine needs model closed_form"):
@@ -171,6 +171,8 @@ def test_over_the_embedding_the_model_outputs_its_projection_and_every_lambda_is
     fm = FeatureMap(dim=8, n_features=64, bandwidth=0.7, seed=3)
     proj = Projection(fm, dim=6, seed=0, kind="embedding")
     assert proj.matrix.shape == (8, 6) and proj.key("enc") != Projection(fm, dim=6, seed=0).key("enc")
+    # auto: the embedding when it is at least as wide as the projection, else the random features
+    assert Projection(fm, dim=8, kind="auto").kind == "embedding" and Projection(fm, dim=9, kind="auto").kind == "rff"
     images = np.random.default_rng(1).random((40, 1, 8, 8), dtype=np.float32)
     labels = [str(i % 3) for i in range(40)]
     emb = FeatureExtractor(tiny_bundle / "encoder.onnx", fm).embed(images)
