@@ -536,6 +536,65 @@ def select(f: Folders, opts: Options, tag: tuple, log) -> dict:
             "validation_images": len(yv)}  # fmt: skip
 
 
+REFINE_KINDS = ("rff", "embedding")
+REFINE_DIMS = (64, 96, 128)  # 128: the largest whose statistics keep a 2-label site under 64 KiB with its prototypes
+REFINE_LAMS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+# (logits' lambda, extra lambdas): head sets the delivery gate chooses from on the held-out part
+REFINE_HEAD_SETS = ((1e-4, (1e-2,)), (1e-4, (1e-5, 1e-3)), (1e-4, (1e-3, 1e-2, 1e-1)), (1e-6, REFINE_LAMS[1:]))
+
+
+def refine_select(f: Folders, opts: Options, seeds: int, log) -> dict:
+    """The refinement round's settings scored on validation only (`--select-refine`; the test folder is never read).
+
+    Per validation seed: each site holds back --val-frac of its labels as the validation set; of the rest, the
+    edge's --holdout is held out for the delivery gate and the statistics are made from what is left (edge.refine,
+    hub.refinement.Projection), summed and solved for every lambda. Scored: each fixed lambda, and each head set
+    (logits' lambda, extra lambdas) through the gate (hub.delivery.gate on the pooled held-out confusion matrices),
+    by the balanced accuracy of the served head on the validation set."""
+    from edge.refine import statistics
+    from hub.delivery.gate import choose, pooled
+    from hub.learning.closed_form import ContributionStats, FeatureMap, solve, sum_stats
+    from hub.refinement.features import Projection
+
+    n, names = len(f.label_names), np.array(f.label_names)
+    scores: dict[str, list[float]] = {}
+    for v in range(seeds):
+        tag = (opts.seed, "refine-select", v)
+        fit, val = carve(f.sites, opts.val_frac, tag)
+        train, hold = carve(fit, opts.holdout, (*tag, "holdout"))  # type: ignore[arg-type]
+        xv, yv = np.concatenate([s.emb for s in val]), np.concatenate([s.labels for s in val])
+        fmap = FeatureMap(f.test.emb.shape[1], seed=seed_of(*tag, "hub"))
+        for kind in REFINE_KINDS:
+            for dim in REFINE_DIMS:
+                proj = Projection(fmap, dim, seed_of(*tag, "hub"), kind)  # type: ignore[arg-type]
+                stats = []
+                for s, site in enumerate(train):
+                    out = statistics(proj.features(site.emb), list(names[site.labels]), opts.min_group_size)
+                    if out is not None:
+                        stats.append(ContributionStats(f"{s:032x}", "select", tuple(out[0]), np.array(out[1]), out[2], out[3]))  # fmt: skip
+                total = sum_stats(stats)
+                heads = {lam: solve(total, variant="ridge-balanced", lam=lam) for lam in REFINE_LAMS}
+
+                def pred(lam: float, x: np.ndarray, heads=heads, proj=proj) -> np.ndarray:
+                    idx = np.array([f.label_names.index(c) for c in heads[lam].label_names])
+                    return idx[heads[lam].predict(proj.features(x))]
+
+                on_val = {lam: balanced_accuracy(yv, pred(lam, xv)) for lam in REFINE_LAMS}
+                reports = [{str(lam): confusion(h.labels, pred(lam, h.emb), n) for lam in REFINE_LAMS} for h in hold if len(h.labels)]  # fmt: skip
+                conf = pooled(reports, [str(lam) for lam in REFINE_LAMS], n)
+                for lam in REFINE_LAMS:
+                    scores.setdefault(f"{kind} dim={dim} lam={lam:g}", []).append(on_val[lam])
+                for first, extra in REFINE_HEAD_SETS:
+                    served = choose(conf, [str(lam) for lam in (first, *extra)]).serve or str(first)
+                    key = f"{kind} dim={dim} lam={first:g} extra={','.join(f'{x:g}' for x in extra)} (gate)"
+                    scores.setdefault(key, []).append(on_val[float(served)])
+        log(f"refine-select: validation seed {v} done ({len(yv)} validation images)")
+    ranking = sorted(({"setting": k, "mean": round(float(np.mean(x)), 4), "std": round(float(np.std(x)), 4),
+                       "per_seed": [round(y, 4) for y in x]} for k, x in scores.items()), key=lambda r: -r["mean"])  # fmt: skip
+    return {"validation_seeds": seeds, "dims": REFINE_DIMS, "lams": REFINE_LAMS,
+            "head_sets": [[a, list(b)] for a, b in REFINE_HEAD_SETS], "ranking": ranking}  # fmt: skip
+
+
 def parse(setting: str) -> dict[str, float]:
     """'scale=1.0 C=10.0' -> {'scale': 1.0, 'C': 10.0}."""
     return {k: float(v) for k, v in (kv.split("=") for kv in setting.split())}
@@ -887,6 +946,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=d.threads, help="threads per pool (torch, onnxruntime, BLAS)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     ap.add_argument("--name", default="folders", help="file stem of the results (default folders)")
+    ap.add_argument("--select-refine", type=int, metavar="SEEDS", help="score the refinement round's settings on "
+                    "SEEDS validation carves of the site folders, write <name>-refine-select.json and exit")  # fmt: skip
     return ap
 
 
@@ -908,6 +969,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.folders") -
     log = lambda s: print(f"{time.perf_counter() - start:7.1f}s {s}", flush=True)  # noqa: E731
     bundle = resolve_bundle(args.bundle)
     f = load_folders(args.sites, args.test, args.public, bundle, opts, log)
+    if args.select_refine:
+        sel = refine_select(f, opts, args.select_refine, log)
+        sel = {"command": " ".join([prog, *argv]), "encoder": f.about["encoder"], **sel}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.name}-refine-select.json").write_text(json.dumps(sel, indent=1) + "\n")
+        for r in sel["ranking"]:
+            print(f"{r['setting']:55s} {r['mean']:.4f} ± {r['std']:.4f}")
+        print(f"wrote {args.out / args.name}-refine-select.json")
+        return 0
     rows: list[dict] = []
     selection = []
     import torch

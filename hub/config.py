@@ -54,7 +54,7 @@ class RoundPolicy(BaseModel):
         default=1e-4, gt=0, le=10, description="Ridge regularisation of the refined model's `logits` head."
     )
     refine_lams: list[float] = Field(
-        default=[1e-2],
+        default=[1e-3, 1e-2, 1e-1],
         description="One more head per lambda, ONNX outputs head_refined_<i>, solved from the same statistics; "
         "the delivery gate serves whichever head has the best pooled held-out balanced accuracy.",
     )

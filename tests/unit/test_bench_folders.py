@@ -89,7 +89,7 @@ def test_every_row_end_to_end_and_the_same_bytes_twice(tiny, tmp_path: Path) -> 
             assert list(scored)[0] == "logits" and "head_nearest_prototype" in scored and r["served"] in scored
             assert r["gate"]["samples"] == 3 + 1 + 2 + 1 + 3  # the held-out 20 %, carved as the validation carve
             if r["method"] == "fedge+refine" and "kept_one_round_model" not in r:
-                assert [h for h in scored if h.startswith("head_refined_")] == ["head_refined_0"]
+                assert [h for h in scored if h.startswith("head_refined_")] == [f"head_refined_{i}" for i in range(3)]
     methods = {s["method"]: s for s in result["summary"]}
     assert set(methods) == set(folders.METHODS)
     for m in folders.METHODS[:-2]:  # every row but fedge's always runs
@@ -151,3 +151,17 @@ def test_folder_export_splits_and_refuses_the_repository(tmp_path: Path) -> None
     assert abs(info["counts"]["public"]["unlabelled"] / n - 0.2) < 0.01
     assert not any(p.is_dir() for p in (tmp_path / "d" / "public").iterdir())  # flat
     assert len(list((tmp_path / "d" / "site1").rglob("*.npy"))) == sum(info["counts"]["site1"].values())
+
+
+def test_select_refine_scores_the_refinement_settings_on_validation_only(tiny, tmp_path: Path) -> None:
+    argv = ["--sites", *map(str, tiny["sites"]), "--test", str(tiny["test"]), "--bundle", "digits", "--out",
+            str(tmp_path), "--name", "tiny", "--select-refine", "1"]  # fmt: skip
+    with warnings.catch_warnings():  # flwr imports typer, which touches an API click 8.2 deprecates (not ours)
+        warnings.filterwarnings("ignore", message=r".*click\.utils\..* is deprecated.*", category=DeprecationWarning)
+        assert folders.main(argv) == 0
+    sel = json.loads((tmp_path / "tiny-refine-select.json").read_text())
+    settings = {r["setting"] for r in sel["ranking"]}
+    per = len(folders.REFINE_LAMS) + len(folders.REFINE_HEAD_SETS)
+    assert len(settings) == len(folders.REFINE_KINDS) * len(folders.REFINE_DIMS) * per
+    assert all(0.0 <= r["mean"] <= 1.0 and len(r["per_seed"]) == 1 for r in sel["ranking"])
+    assert not (tmp_path / "tiny.json").exists()  # nothing evaluated on the test folder

@@ -154,7 +154,7 @@ def test_refinement_needs_the_closed_form_model() -> None:
     from hub.config import HubSettings
 
     r = HubSettings(rounds={"refine": True}).rounds
-    assert (r.refine_features, r.refine_dim, r.refine_lam, r.refine_lams) == ("auto", 128, 1e-4, [1e-2])
+    assert (r.refine_features, r.refine_dim, r.refine_lam, r.refine_lams) == ("auto", 128, 1e-4, [1e-3, 1e-2, 1e-1])
     with pytest.raises(ValidationError, match="refine_lams"):
         HubSettings(rounds={"refine": True, "refine_lams": [0.0]})
     with pytest.raises(ValidationError, match="rounds.refine needs model closed_form"):
