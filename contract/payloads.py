@@ -173,6 +173,11 @@ class EncoderStatus(BaseModel):
 MessageKind = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z_]{0,31}$")]
 
 
+HeadName = Annotated[str, StringConstraints(pattern=r"^(logits|head_[a-z0-9_]{1,48})$")]
+MAX_HEADS = 64
+MAX_LABELS_CONFUSION = 256
+
+
 class SiteStatus(BaseModel):
     """Retained on `site/<id>/status`: the site's state and counters. The broker's last-will sets `offline`."""
 
@@ -186,7 +191,13 @@ class SiteStatus(BaseModel):
     encoder: EncoderStatus | None = None
     samples: Count | None = Field(default=None, description="Samples in the local index (training + held-out).")
     contribution_id: MessageId | None = Field(default=None, description="The site's latest contribution.")
-    model_version: ModelVersionNumber | None = Field(default=None, description="Global model version the site runs.")
+    model_version: ModelVersionNumber | None = Field(
+        default=None, description="Newest global model version the site installed (and evaluated)."
+    )
+    serving_version: ModelVersionNumber | None = Field(
+        default=None, description="The version the site serves, as the hub's delivery gate decided."
+    )
+    serving_head: HeadName | None = Field(default=None, description="The head of that version it serves.")
     model_error: str | None = Field(
         default=None, description="Why the newest delivered or stored model is not the one running, if it is not."
     )
@@ -226,6 +237,28 @@ class EncoderInfo(BaseModel):
     dim: int = Field(ge=1, le=1 << 20, description="Embedding dimension.")
 
 
+class GateDecision(BaseModel):
+    """The delivery gate's decision for one model version (docs/delivery-gate.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state: Literal["pending", "served", "at_chance", "unchecked"] = Field(
+        description="pending: sites evaluate every head and keep serving their previous model; served: `serve` "
+        "won on the sites' pooled held-out samples; at_chance: no head beats chance, nothing new is served; "
+        "unchecked: no site reported an evaluation in time, the candidate is served unchecked."
+    )
+    reason: str = Field(default="", max_length=2000)
+    balanced_accuracy: dict[HeadName, float | None] = Field(
+        default_factory=dict, max_length=MAX_HEADS, description="Pooled held-out balanced accuracy of each head."
+    )
+    samples: Count = Field(default=0, description="Pooled held-out samples the decision rests on.")
+    confusion: list[list[Count]] | None = Field(
+        default=None, max_length=MAX_LABELS_CONFUSION,
+        description="The best head's pooled confusion matrix (rows: true label, columns: predicted, in label order).",
+    )  # fmt: skip
+    decided_at: AwareDatetime | None = None
+
+
 class HubStatus(BaseModel):
     """Retained on `hub/status`."""
 
@@ -253,6 +286,9 @@ class HubStatus(BaseModel):
     )
     public_key: str | None = Field(
         default=None, max_length=4096, description="That key's public half, PEM (SubjectPublicKeyInfo)."
+    )
+    delivery: GateDecision | None = Field(
+        default=None, description="The delivery gate's decision on the newest model (`model_version`)."
     )
 
 
@@ -285,6 +321,18 @@ class ModelManifest(BaseModel):
     encoder_id: str = Field(description="Encoder whose embeddings sites must send for the next round.")
     contributions: list[MessageId] = Field(description="Contributions the model was trained on.")
     fedavg_round_bytes: Count = Field(description="What one FedAvg round of this model costs a site (up + down).")
+    heads: dict[HeadName, str] = Field(
+        default_factory=lambda: {"logits": "candidate"},
+        max_length=MAX_HEADS,
+        description="ONNX outputs of logits over `labels` and what each is: `logits` the round's candidate, "
+        "`head_*` the baselines the same uploads allow (docs/delivery-gate.md). Sites evaluate every one.",
+    )
+    serve: HeadName | None = Field(
+        default="logits", description="The head a site serves; null: keep serving the previous model."
+    )
+    gate: GateDecision | None = Field(
+        default=None, description="The delivery gate; null: served as delivered (no gate)."
+    )
     signature: Signature = Field(description="The hub's signature; a site installs nothing unsigned.")
 
 
@@ -314,6 +362,25 @@ class Evaluation(BaseModel):
     accuracy: float | None = Field(
         default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="None when the site holds no samples."
     )
+    balanced_accuracy: float | None = Field(
+        default=None, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Mean recall over the labels the held-out samples have (of the head `accuracy` is of).",
+    )  # fmt: skip
+    heads: dict[HeadName, list[list[Count]]] = Field(
+        default_factory=dict,
+        max_length=MAX_HEADS,
+        description="Each head's confusion matrix on the held-out samples (rows: true label, columns: predicted, "
+        "in the manifest's label order; samples of labels the model lacks are left out).",
+    )
+
+    @model_validator(mode="after")
+    def _square(self) -> Evaluation:
+        for name, m in self.heads.items():
+            if len(m) > MAX_LABELS_CONFUSION or any(len(row) != len(m) for row in m):
+                raise ValueError(f"head {name}: a confusion matrix must be square, at most {MAX_LABELS_CONFUSION}")
+            if sum(map(sum, m)) > self.samples:
+                raise ValueError(f"head {name}: its confusion matrix counts more than the {self.samples} samples")
+        return self
 
 
 SampleId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^/\\\x00]+$")]

@@ -74,9 +74,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from runtime.settings import validate_or_exit
 
         settings = validate_or_exit(EdgeSettings, args.config, False)
-        current = ModelStore(settings.state_dir / "models").current()
+        current = ModelStore(settings.state_dir / "models").serving()
         if current is None:
-            print(f"error: no model installed under {settings.state_dir / 'models'} yet", file=sys.stderr)
+            print(f"error: no model served under {settings.state_dir / 'models'} yet (none installed, or the "
+                  "hub's delivery gate has not passed one: docs/delivery-gate.md)", file=sys.stderr)  # fmt: skip
             return 2
         model = GlobalModel.from_manifest(*current)
     images = np.stack([fit_image(read_image(Path(p)), model.image_size) for p in args.paths])[:, None]

@@ -73,13 +73,35 @@ class ModelStore:
         """Installed versions, ascending."""
         return sorted(int(p.name[1:]) for p in self.root.glob("v[0-9]*") if (p / "manifest.json").is_file())
 
-    def current(self) -> tuple[Path, ModelManifest] | None:
-        """The newest installed model and its manifest."""
-        v = self.versions()
-        if not v:
-            return None
-        d = self.root / f"v{v[-1]:04d}"
+    def _get(self, version: int) -> tuple[Path, ModelManifest]:
+        d = self.root / f"v{version:04d}"
         return d / "model.onnx", ModelManifest.model_validate_json((d / "manifest.json").read_bytes())
+
+    def current(self) -> tuple[Path, ModelManifest] | None:
+        """The newest installed model and its manifest (evaluated, refined on; served once its gate says so)."""
+        v = self.versions()
+        return self._get(v[-1]) if v else None
+
+    def serving(self) -> tuple[Path, ModelManifest] | None:
+        """The model a site serves: the newest installed one that names a head to serve (docs/delivery-gate.md).
+        One whose gate is pending or refused it at chance names none, and the previous one keeps serving."""
+        for version in reversed(self.versions()):
+            path, manifest = self._get(version)
+            if manifest.serve is not None:
+                return path, manifest
+        return None
+
+    def update_gate(self, manifest: ModelManifest) -> bool:
+        """Record the gate's decision for an installed version (same artifact, newly signed manifest); True if
+        it changed what the stored manifest says."""
+        d = self.root / f"v{manifest.version:04d}"
+        stored = ModelManifest.model_validate_json((d / "manifest.json").read_bytes())
+        if stored.sha256 != manifest.sha256 or (stored.serve, stored.gate) == (manifest.serve, manifest.gate):
+            return False
+        check_heads(manifest, (d / "model.onnx").read_bytes())
+        write_dir_atomically(d, {"model.onnx": (d / "model.onnx").read_bytes(),
+                                 "manifest.json": manifest.model_dump_json(indent=1).encode()})  # fmt: skip
+        return True
 
     def set_aside_unloadable(self) -> list[str]:
         """Move installed versions that no longer load out of the way (newest first); why, for each one moved."""
@@ -128,21 +150,55 @@ def check_runs(manifest: ModelManifest, data: bytes) -> None:
             f"model v{manifest.version} answers a sample batch with shape {list(np.shape(out))} "
             f"(finite: {bool(np.all(np.isfinite(out)))}); {list(expected)} of finite logits expected"
         )
+    check_heads(manifest, data, session)
+
+
+def check_heads(manifest: ModelManifest, data: bytes, session: ort.InferenceSession | None = None) -> None:
+    """ModelRejected unless every head the manifest names (and the one it serves) is an output of logits over its
+    labels."""
+    if session is None:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    outputs = {o.name for o in session.get_outputs()}
+    named = set(manifest.heads) | ({manifest.serve} if manifest.serve else set())
+    missing = sorted(named - outputs)
+    if "logits" not in manifest.heads or missing:
+        raise ModelRejected(
+            f"model v{manifest.version}: the manifest names heads {sorted(named)}, the model's outputs are "
+            f"{sorted(outputs)}" + ("" if "logits" in manifest.heads else "; `logits` must be one of the heads")
+        )
+    sample = np.random.default_rng(0).random((2, *manifest.input_shape[1:]), dtype=np.float32)
+    for name, out in zip(sorted(named), session.run(sorted(named), {manifest.input_name: sample}), strict=True):
+        if tuple(np.shape(out)) != (2, len(manifest.labels)) or not np.all(np.isfinite(out)):
+            raise ModelRejected(
+                f"model v{manifest.version}: head {name} answers with shape {list(np.shape(out))}; "
+                f"{[2, len(manifest.labels)]} of finite logits expected"
+            )
 
 
 class GlobalModel:
-    """A delivered model, run with onnxruntime the way a site runs it."""
+    """A delivered model, run with onnxruntime the way a site runs it: `serve` is the head it predicts with."""
 
     def __init__(
-        self, path: Path, labels: list[str], input_name: str, image_size: int, providers: list[str] | None = None
+        self,
+        path: Path,
+        labels: list[str],
+        input_name: str,
+        image_size: int,
+        providers: list[str] | None = None,
+        serve: str = "logits",
     ):
         self.labels, self.input_name, self.image_size = list(labels), input_name, int(image_size)
+        self.serve = serve
         self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
 
     @classmethod
     def from_manifest(cls, path: Path, manifest: ModelManifest) -> GlobalModel:
-        """From a delivered model and its manifest."""
-        return cls(path, manifest.labels, manifest.input_name, manifest.input_shape[-1])
+        """From a delivered model and its manifest (the head it serves; `logits` while its gate is pending)."""
+        return cls(
+            path, manifest.labels, manifest.input_name, manifest.input_shape[-1], serve=manifest.serve or "logits"
+        )
 
     @classmethod
     def from_file(cls, path: Path) -> GlobalModel:
@@ -159,7 +215,7 @@ class GlobalModel:
             raise ValueError(f"the model expects images [N, 1, {size}, {size}], got {list(images.shape)}")
         if not len(images):
             return []
-        logits = self.session.run(None, {self.input_name: images.astype(np.float32)})[0]
+        logits = self.session.run([self.serve], {self.input_name: images.astype(np.float32)})[0]
         return [self.labels[int(i)] for i in logits.argmax(1)]
 
     def accuracy(self, images: np.ndarray, truth: list[str]) -> float | None:
@@ -168,3 +224,18 @@ class GlobalModel:
             return None
         pred = self.predict(images)
         return float(np.mean([p == t for p, t in zip(pred, truth, strict=True)]))
+
+    def confusions(self, images: np.ndarray, truth: list[str], heads: list[str]) -> dict[str, np.ndarray]:
+        """Each head's confusion matrix [labels, labels] (rows: true, columns: predicted) in one run of the model;
+        samples whose label the model lacks are left out (they count as wrong in `accuracy`)."""
+        n = len(self.labels)
+        index = {name: i for i, name in enumerate(self.labels)}
+        keep = np.array([t in index for t in truth], dtype=bool)
+        out = {h: np.zeros((n, n), dtype=np.int64) for h in heads}
+        if not keep.any():
+            return out
+        rows = np.array([index[t] for t, k in zip(truth, keep, strict=True) if k])
+        x = images[keep].astype(np.float32)
+        for h, logits in zip(heads, self.session.run(list(heads), {self.input_name: x}), strict=True):
+            np.add.at(out[h], (rows, np.asarray(logits).argmax(1)), 1)
+        return out

@@ -37,6 +37,7 @@ from contract.payloads import (
     new_id,
     now,
 )
+from contract.scores import balanced_accuracy
 from contract.topics import Topics
 from edge.clip import OnnxClipImageEncoder, OnnxTextEncoder, prompt_for
 from edge.config import EdgeSettings
@@ -163,7 +164,7 @@ class EdgeService:
 
     def status(self, state: str = "online") -> SiteStatus:
         """The site's status message."""
-        current = self.models.current()
+        current, serving = self.models.current(), self.models.serving()
         enc = self.text_encoder or self.clip_image or self.encoder
         return SiteStatus(
             message_id=new_id(),
@@ -179,6 +180,8 @@ class EdgeService:
             samples=self.store.sample_count(),
             contribution_id=self.store.get("contribution_id"),
             model_version=current[1].version if current else None,
+            serving_version=serving[1].version if serving else None,
+            serving_head=serving[1].serve if serving else None,
             outbox_depth=self.store.outbox_depth(),
             bytes_sent=self.store.counters("bytes_sent"),
             bytes_received=self.store.counters("bytes_received"),
@@ -331,11 +334,19 @@ class EdgeService:
             return "accepted"
         manifest = self._signed(body, ModelManifest, "model manifest")
         current = self.models.current()
-        if current is not None and manifest.version <= current[1].version:
+        if current is not None and manifest.version in self.models.versions():
+            return self._gate_decided(manifest)
+        if current is not None and manifest.version < current[1].version:
             return "duplicate"
         if self.store.get("rejected_model") == f"{manifest.version}:{manifest.sha256}":
             return "duplicate"  # refused once already; the retained manifest comes back on every reconnect
         with self._assembler_lock:
+            asm = self._assembler
+            if asm is not None and (asm.manifest.version, asm.manifest.sha256) == (manifest.version, manifest.sha256):
+                if (asm.manifest.serve, asm.manifest.gate) == (manifest.serve, manifest.gate):
+                    return "duplicate"
+                asm.manifest = manifest  # the gate decided while the chunks were on their way
+                return "accepted"
             if self._assembler is not None and self._assembler.manifest.version >= manifest.version:
                 return "duplicate"
             if self._assembler is not None:
@@ -348,6 +359,21 @@ class EdgeService:
             len(manifest.chunks),
         )
         self.bus.subscribe(self.topics.model_chunks(manifest.version), guarded("model", self._on_chunk, self._report))
+        return "accepted"
+
+    def _gate_decided(self, manifest: ModelManifest) -> Outcome:
+        """The manifest of an installed version again: the delivery gate's decision on which head to serve."""
+        try:
+            changed = self.models.update_gate(manifest)
+        except ModelRejected as err:
+            raise Rejected("invalid", str(err)) from None
+        if not changed:
+            return "duplicate"
+        g = manifest.gate
+        serving = self.models.serving()
+        log.info("model v%d: delivery gate %s (%s); serving %s", manifest.version, g.state if g else "none",
+                 g.reason if g else "", f"v{serving[1].version} head {serving[1].serve}" if serving else "nothing")  # fmt: skip
+        self._status_dirty.set()
         return "accepted"
 
     def _on_chunk(self, msg: Message) -> Outcome:
@@ -635,10 +661,16 @@ class EdgeService:
             return None
         path, manifest = current
         samples, images = self._read(self.store.samples(holdout=True), manifest.input_shape[-1])
-        acc = GlobalModel.from_manifest(path, manifest).accuracy(images, [x.label for x in samples])
+        truth = [x.label for x in samples]
+        model = GlobalModel.from_manifest(path, manifest)
+        acc = model.accuracy(images, truth)
+        # Every head the manifest names, in one run: the hub's delivery gate pools these over the sites.
+        conf = model.confusions(images, truth, sorted(manifest.heads)) if samples else {}
+        served = conf.get(model.serve)
         e = Evaluation(
             eval_id=new_id(), site_id=self.settings.site_id, model_version=manifest.version, at=now(),
-            samples=len(samples), accuracy=acc,
+            samples=len(samples), accuracy=acc, balanced_accuracy=None if served is None else balanced_accuracy(served),
+            heads={h: m.tolist() for h, m in conf.items()},
         )  # fmt: skip
         self.store.enqueue(e.eval_id, "eval", self.topics.site(self.settings.site_id, "eval"), e.model_dump_json().encode(),
                            meta={"evaluated_version": str(manifest.version), "local_accuracy": "" if acc is None else repr(acc)})  # fmt: skip

@@ -110,6 +110,28 @@ class ClosedFormSettings(BaseModel):
     )
 
 
+class DeliveryGateSettings(BaseModel):
+    """The delivery gate (docs/delivery-gate.md): which head of a new model the sites serve, decided on their
+    held-out evaluations of every head."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        default=True,
+        description="Sites evaluate a new model's heads (candidate, nearest prototype, refined) before serving it "
+        "and serve the best; off: they serve the candidate at once.",
+    )
+    wait_s: float = Field(
+        default=300.0, gt=0, le=86400,
+        description="How long the gate waits for the evaluations of every site with a contribution in the model "
+        "before it decides on those it has.",
+    )  # fmt: skip
+    chance_margin: float = Field(
+        default=0.05, ge=0, le=0.5,
+        description="A best head within this much balanced accuracy of chance is not served as an improvement.",
+    )  # fmt: skip
+
+
 class FramuSettings(BaseModel):
     """FRAMU: attention over contributions, learned from the sites' evaluations (docs/framu.md)."""
 
@@ -194,6 +216,7 @@ class HubSettings(BaseSettings):
     )
     closed_form: ClosedFormSettings = Field(default_factory=ClosedFormSettings)
     framu: FramuSettings = Field(default_factory=FramuSettings)
+    delivery: DeliveryGateSettings = Field(default_factory=DeliveryGateSettings)
     site_keys_dir: Path | None = Field(
         default=None,
         description="Folder of sites' public keys (<site_id>.pub.pem) that forget receipts must be signed with; "

@@ -192,6 +192,10 @@ class Ledger:
             self._db.execute("ALTER TABLE model_versions ADD COLUMN weights TEXT")  # written before FRAMU
         if "refinements" not in {r[1] for r in self._db.execute("PRAGMA table_info(rounds)")}:
             self._db.execute("ALTER TABLE rounds ADD COLUMN refinements TEXT")  # written before refinement rounds
+        if "heads" not in {r[1] for r in self._db.execute("PRAGMA table_info(evaluations)")}:
+            # written before the delivery gate: evaluations carried one accuracy
+            self._db.execute("ALTER TABLE evaluations ADD COLUMN balanced_accuracy REAL")
+            self._db.execute("ALTER TABLE evaluations ADD COLUMN heads TEXT")
 
     def close(self) -> None:
         """Close the file."""
@@ -337,21 +341,42 @@ class Ledger:
         """Store a site's federated evaluation; False for a redelivery."""
         with self._tx():
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (e.eval_id, e.site_id, e.model_version, e.samples, e.accuracy, e.at.isoformat(), _now()),
-            )
+                "INSERT OR IGNORE INTO evaluations (eval_id, site_id, model_version, samples, accuracy, at, received_at,"
+                " balanced_accuracy, heads) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (e.eval_id, e.site_id, e.model_version, e.samples, e.accuracy, e.at.isoformat(), _now(),
+                 e.balanced_accuracy, json.dumps(e.heads, sort_keys=True) if e.heads else None),
+            )  # fmt: skip
             return cur.rowcount == 1
 
     def evaluations(self, model_version: int | None = None) -> list[dict]:
-        """Federated evaluations (latest per site and version)."""
-        q = "SELECT site_id, model_version, samples, accuracy FROM evaluations"
+        """Federated evaluations (latest per site and version); `heads`: each head's confusion matrix, or None."""
+        q = "SELECT site_id, model_version, samples, accuracy, balanced_accuracy, heads FROM evaluations"
         args: tuple = ()
         if model_version is not None:
             q, args = q + " WHERE model_version = ?", (model_version,)
         with self._lock:
             cur = self._db.execute(q + " ORDER BY received_at", args)
             latest = {(r[0], r[1]): r for r in cur}
-        return [dict(zip(("site_id", "model_version", "samples", "accuracy"), r, strict=True)) for r in latest.values()]
+        keys = ("site_id", "model_version", "samples", "accuracy", "balanced_accuracy", "heads")
+        rows = [dict(zip(keys, r, strict=True)) for r in latest.values()]
+        for r in rows:
+            r["heads"] = json.loads(r["heads"]) if r["heads"] else None
+        return rows
+
+    # --- the delivery gate ---
+    def record_gate(self, version: int, decision: dict, signed_manifest: bytes) -> None:
+        """The delivery gate's decision on model `version`, with the signed manifest that told the sites."""
+        with self._tx():
+            self._decide("delivery_gate", f"v{version}", {**decision, "signed_manifest": signed_manifest.decode()})
+
+    def gate_decision(self, version: int) -> dict | None:
+        """The latest recorded gate decision on model `version` (with its signed manifest), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT detail FROM decisions WHERE kind = 'delivery_gate' AND subject = ? ORDER BY id DESC LIMIT 1",
+                (f"v{version}",),
+            ).fetchone()
+        return json.loads(row[0]) if row else None
 
     # --- rounds ---
     def request_round(self, trigger: str) -> int:

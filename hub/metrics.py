@@ -160,6 +160,21 @@ class HubMetrics:
             "fedge_hub_federated_accuracy", "Accuracy of the current model on sites' held-out samples, sample-weighted.",
             registry=r,
         )  # fmt: skip
+        # The delivery gate (docs/delivery-gate.md): pooled over the sites' held-out samples.
+        self.federated_balanced_accuracy = Gauge(
+            "fedge_hub_federated_balanced_accuracy",
+            "Balanced accuracy (mean recall over labels) of each head of the newest model, pooled over the sites' "
+            "held-out samples; `served` says which head the sites serve (1) and which not (0).",
+            ["head", "served"], registry=r,
+        )  # fmt: skip
+        self.federated_recall = Gauge(
+            "fedge_hub_federated_recall", "Recall of each label by the served head, pooled over the sites' held-out "
+            "samples.", ["label"], registry=r,
+        )  # fmt: skip
+        self.gate_decisions = Counter(
+            "fedge_hub_delivery_gate_total", "Delivery gate decisions by state (served, at_chance, unchecked).",
+            ["state"], registry=r,
+        )  # fmt: skip
         self.forget_to_receipt = Histogram(
             "fedge_hub_forget_request_to_receipt_seconds", "From a forget request's issued_at to the site's receipt.",
             buckets=FORGET_BUCKETS, registry=r,

@@ -20,6 +20,7 @@ from contract.payloads import (
     Contribution,
     EncoderInfo,
     ErrorReport,
+    GateDecision,
     HubStatus,
     ModelManifest,
     UnlearningCertificate,
@@ -29,6 +30,8 @@ from contract.payloads import (
 from contract.topics import Topics
 from hub.config import HubSettings
 from hub.delivery import clear_messages, model_messages
+from hub.delivery.gate import Decision, choose, pooled
+from hub.delivery.heads import add_linear_head, add_nearest_prototype, roles_with
 from hub.intake import Rejected, parse_contribution, parse_evaluation, parse_site_status
 from hub.learning.exact import ExactModel
 from hub.ledger import Ledger
@@ -150,6 +153,8 @@ class HubService:
         self._failed: tuple[set[str], float] | None = None  # contributions of the last failed round, and when
         self._state = "online"
         self._round_id: int | None = None  # the round being trained, for progress lines
+        self._gate_since: dict[int, float] = {}  # model version -> when it went out for the gate's evaluations
+        self._gate_decided: int | None = None  # the newest version the gate has decided on
         self._progress_logged = 0.0
         self.session_id = new_id()
         self.bus = Bus(
@@ -181,7 +186,17 @@ class HubService:
             min_group_size=self.settings.min_group_size,
             key_id=self.key_id,
             public_key=signing.public_pem(self.signing_key.public_key()),
+            delivery=self._gate_status(latest.version) if latest else None,
         )
+
+    def _gate_status(self, version: int) -> GateDecision | None:
+        """The gate's word on model `version` for the hub status (None when the gate is off)."""
+        if not self.settings.delivery.enabled:
+            return None
+        decided = self.ledger.gate_decision(version)
+        if decided is None:
+            return GateDecision(state="pending", reason="the sites are evaluating its heads")
+        return GateDecision.model_validate({k: v for k, v in decided.items() if k in GateDecision.model_fields})
 
     def _publish_status(self, state: str) -> None:
         self._state = state
@@ -316,6 +331,16 @@ class HubService:
     def _ingest_evaluation(self, site_id: str, payload: bytes) -> Outcome:
         versions = set(self.registry.versions())
         e = parse_evaluation(payload, site_id, versions)
+        if e.heads:
+            meta = self.registry.get(e.model_version).manifest
+            heads, n = set(meta.get("heads") or {"logits": "candidate"}), len(meta["labels"])
+            unknown = sorted(set(e.heads) - heads)
+            wrong = sorted(h for h, m in e.heads.items() if len(m) != n)
+            if unknown or wrong:
+                raise Rejected("invalid", f"evaluation of model v{e.model_version}: "
+                               + (f"heads {unknown} are not the model's ({sorted(heads)})" if unknown else
+                                  f"heads {wrong} are not {n}x{n} confusion matrices (the model's labels)"),
+                               ref_id=e.eval_id)  # fmt: skip
         if not self.ledger.record_evaluation(e):
             return "duplicate"
         rows = [r for r in self.ledger.evaluations(e.model_version) if r["accuracy"] is not None and r["samples"]]
@@ -446,7 +471,8 @@ class HubService:
             if exact is not None:
                 self.metrics.unlearning_seconds.observe(cert.verification.get("unlearning_seconds", 0.0))
         # FRAMU's weights shape the synthesis model only; a refined model is solved from the statistics unweighted.
-        self.framu.after_round(version.version, None if refined else weights, attention, contributions, trigger or "")
+        self.framu.after_round(version.version, None if refined else weights, attention, contributions, trigger or "",
+                               heads=version.manifest.get("heads"))  # fmt: skip
         self.deliver(version)
         self.metrics.round_seconds.observe(time.perf_counter() - started)
         self._publish_certificates(version.version)
@@ -524,6 +550,8 @@ class HubService:
         if self.refinement is not None:  # sites run its projected features for the refinement round
             exact.onnx = self.refinement.prepare(exact.onnx)
             extra["refinement"] = self._refinement_meta()
+        loo = self._with_loo_heads(exact, contributions, weights)
+        exact.onnx = self._with_baselines(exact.onnx, contributions, exact.label_names, weights, extra, loo)
         self._progress("training", 1, 1)
         self._checkpoint()
         size = self.foundation.image_size
@@ -544,6 +572,41 @@ class HubService:
                  t.get("statistics_s", 0), t["sum_s"], t["solve_s"], t["export_s"])  # fmt: skip
         return version, exact
 
+    def _with_loo_heads(
+        self, exact: ExactModel, contributions: list[Contribution], weights: dict[str, float] | None
+    ) -> dict[str, str]:
+        """FRAMU's leave-one-out heads (docs/framu.md) added to `exact.onnx`: head name -> `without:<id>`."""
+        assert self.trainer is not None
+        added: dict[str, str] = {}
+        for cid in self.framu.loo_wanted(contributions):
+            try:
+                head = self.trainer.head_without(contributions, cid, weights, self._checkpoint)
+            except ValueError as err:  # nothing would be left: no such head
+                log.info("no leave-one-out head without %s: %s", cid[:8], err)
+                continue
+            name = f"head_loo_{len(added) + 1}"
+            exact.onnx = add_linear_head(exact.onnx, name, head.weights, head.bias, head.label_names, exact.label_names)
+            added[name] = f"without:{cid}"
+        return added
+
+    def _with_baselines(
+        self,
+        model: bytes,
+        contributions: list[Contribution],
+        labels,
+        weights: dict[str, float] | None,
+        extra: dict,
+        known_roles: dict[str, str] | None = None,
+    ) -> bytes:
+        """The model with the nearest-prototype head of the same uploads added, its heads listed in `extra`
+        (docs/delivery-gate.md); contributions FRAMU weighted 0 are left out of it as out of the candidate."""
+        kept = [c for c in contributions if weights is None or weights.get(c.contribution_id, 1.0) > 0]
+        model, info = add_nearest_prototype(model, kept, list(labels))
+        extra["heads"] = roles_with(model, known_roles or {})
+        if info:
+            extra["nearest_prototype"] = info
+        return model
+
     def _refinement_meta(self) -> dict:
         """What a model's registry manifest says about its feature output (hub/refinement)."""
         assert self.refinement is not None
@@ -555,6 +618,9 @@ class HubService:
         size = self.foundation.image_size
         if "framu" in extra:
             extra = {**extra, "framu": {**extra["framu"], "weights": None}}  # not applied to the statistics
+        extra = dict(extra)
+        active = [c for c in self.ledger.active() if c.labels]
+        refined.onnx = self._with_baselines(refined.onnx, active, refined.label_names, None, extra)
         meta = {
             **extra, "method": "closed_form_exact", "labels": list(refined.label_names),
             "input": {"name": "image", "shape": [-1, 1, size, size], "range": [0, 1]}, "output": {"name": "logits"},
@@ -590,10 +656,78 @@ class HubService:
         if self.stop_event.is_set():
             raise Stopping
 
+    def _gate_fields(self, version: int) -> tuple[str | None, dict | None]:
+        """(serve, gate) for model `version`'s manifest: the gate's recorded decision, else pending."""
+        if not self.settings.delivery.enabled:
+            return "logits", None
+        decided = self.ledger.gate_decision(version)
+        if decided is not None:
+            return decided["serve"], {k: v for k, v in decided.items() if k in GateDecision.model_fields}
+        self._gate_since.setdefault(version, time.monotonic())
+        # While the sites evaluate, they keep serving their previous model, unless it carries data this one forgot.
+        withdraw = bool(self.ledger.certificates_for(version))
+        reason = "the sites evaluate its heads" + (
+            "; the candidate serves meanwhile: the previous model carries forgotten data" if withdraw else
+            "; the previous model serves meanwhile")  # fmt: skip
+        return ("logits" if withdraw else None), {"state": "pending", "reason": reason}
+
+    def check_gate(self, t: float) -> Decision | None:
+        """Decide which head of the newest model the sites serve once every site with an active contribution has
+        evaluated it, or `delivery.wait_s` after it went out; publish the decision (docs/delivery-gate.md)."""
+        g, v = self.settings.delivery, self._latest_version
+        if not g.enabled or v is None or v == self._gate_decided:
+            return None
+        if self.ledger.gate_decision(v) is not None:
+            self._gate_decided = v
+            return None
+        rows = self.ledger.evaluations(v)
+        waited = t - self._gate_since.setdefault(v, t)
+        if not self.ledger.active_sites() <= {r["site_id"] for r in rows} and waited < g.wait_s:
+            return None
+        version = self.registry.get(v)
+        # FRAMU's leave-one-out heads are probes, never served: the candidate and the baselines compete.
+        roles = version.manifest.get("heads") or {"logits": "candidate"}
+        heads = [h for h, role in roles.items() if not role.startswith("without:")]
+        conf = pooled([r["heads"] or {} for r in rows], heads, len(version.manifest["labels"]))
+        decision = choose(conf, heads, g.chance_margin, withdraw_previous=bool(self.ledger.certificates_for(v)))
+        record = {**decision.as_dict(), "decided_at": now().isoformat()}
+        gate = {k: val for k, val in record.items() if k in GateDecision.model_fields}
+        _, body, _ = model_messages(version, self.topics, self.foundation.encoder_id, self.signing_key,
+                                    self.settings.chunk_bytes, serve=decision.serve, gate=gate)  # fmt: skip
+        self.ledger.record_gate(v, record, body)  # durable before the sites hear of it
+        self._gate_decided = v
+        self._note_gate(version, decision)
+        try:
+            self.bus.publish(self.topics.hub_model, body, retain=True)
+            self.metrics.sent_bytes.labels("model").inc(len(body))
+        except NotConnected as err:
+            log.warning("gate decision on model v%d not published yet: %s", v, err)
+            self._republish.set()
+        self._publish_status(self._state)
+        return decision
+
+    def _note_gate(self, version: ModelVersion, decision: Decision) -> None:
+        """Metrics and the operator's log line for a gate decision."""
+        self.metrics.gate_decisions.labels(decision.state).inc()
+        self.metrics.federated_balanced_accuracy.clear()
+        for head, score in decision.scores.items():
+            if score is not None:
+                self.metrics.federated_balanced_accuracy.labels(head, "1" if head == decision.serve else "0").set(score)
+        self.metrics.federated_recall.clear()
+        if decision.confusion is not None:
+            from hub.delivery.gate import recalls
+
+            for label, r in zip(version.manifest["labels"], recalls(decision.confusion), strict=True):
+                if r is not None:
+                    self.metrics.federated_recall.labels(label).set(r)
+        level = logging.INFO if decision.state == "served" else logging.WARNING
+        log.log(level, "model v%d: delivery gate %s: %s", version.version, decision.state, decision.reason)
+
     def deliver(self, version: ModelVersion) -> ModelManifest:
         """Publish a model's chunks, then its signed manifest (all retained), and retire chunks two versions back."""
+        serve, gate = self._gate_fields(version.version)
         manifest, body, chunks = model_messages(
-            version, self.topics, self.foundation.encoder_id, self.signing_key, self.settings.chunk_bytes
+            version, self.topics, self.foundation.encoder_id, self.signing_key, self.settings.chunk_bytes, serve, gate
         )
         for topic, payload in chunks:
             self.bus.publish(topic, payload, retain=True)
@@ -638,6 +772,8 @@ class HubService:
                             log.warning("could not republish model v%d: %s", latest.version, err)
                             self._republish.set()
                 self.check_policy(time.monotonic())
+                if self.bus.connected:
+                    self.check_gate(time.monotonic())
                 if self.framu.poll(self._latest_version):
                     self.ledger.request_round("framu")
                 if self.bus.connected:

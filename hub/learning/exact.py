@@ -197,6 +197,22 @@ class ExactTrainer:
         model.timings["statistics_s"] = t1 - t0
         return model
 
+    def head_without(
+        self,
+        contributions: list[Contribution],
+        left_out: str,
+        weights: Mapping[str, float] | None = None,
+        checkpoint: Callable[[], None] | None = None,
+    ) -> ClosedFormHead:
+        """The head `fit` would solve with contribution `left_out` at weight 0 (exactly as if it were absent), for
+        FRAMU's leave-one-out heads; the statistics are the cached ones, nothing is exported."""
+        base = dict(weights) if weights is not None else {c.contribution_id: 1.0 for c in contributions if c.labels}
+        ordered, ws = self._plan(contributions, {**base, left_out: 0.0})
+        if not ordered:
+            raise ValueError(f"nothing is left without contribution {left_out}")
+        total = sum_stats([self.stats(c, checkpoint) for c in ordered], ws if weights is not None else None)
+        return solve(total, variant=self.config.variant, lam=self.config.lam)  # type: ignore[arg-type]
+
     def refit_from_scratch(
         self,
         contributions: list[Contribution],

@@ -10,7 +10,8 @@ Tables: contributions (ids, sites, states, payload sha256; the prototypes of con
 a certificate are purged, their sha256 stays), forget_receipts (as the sites signed them),
 certificates (as the hub signed them), model_versions (which contributions, which statistics and,
 with FRAMU in mode auto, which weights each version was trained on), rounds, rejections, site_keys,
-decisions, automatic_unlearning (FRAMU's decisions: reason and figures), framu_rounds (attention,
+decisions (among them the delivery gate's, each with the signed manifest that told the sites which head to
+serve), automatic_unlearning (FRAMU's decisions: reason and figures), framu_rounds (attention,
 weights, reward and TD error per model version), framu_pins, refinements (the sites' refinement statistics: ids,
 sites, the contribution each went with, payload sha256; purged like contributions when a certificate removes them).
 
@@ -18,8 +19,9 @@ sites, the contribution each went with, payload sha256; purged like contribution
 signature (against --hub-key when given, which a DPO should take from the hub's operator rather than
 from the export), every receipt's signature against its site's pinned key, that no certificate's
 model was trained on a contribution it removed, that each certificate's training digest is the one
-recomputed from its model version's statistics, and every unpurged contribution's (and refinement
-statistics') sha256.
+recomputed from its model version's statistics, every unpurged contribution's (and refinement
+statistics') sha256, and that every delivery gate decision's manifest is signed by the hub and says
+what the record says.
 """
 
 from __future__ import annotations
@@ -145,4 +147,23 @@ def verify(folder: Path, hub_public_pem: str | None = None) -> dict[str, Any]:
         elif not r.get("purged_at"):
             problems.append(f"refinement statistics {r['statistics_id']}: payload missing but not recorded as purged")
         checked["refinements"] += 1
+
+    # The delivery gate's decisions: each with the manifest, signed by the hub, that told the sites which head to serve.
+    gates = [d for d in t["decisions"] if d["kind"] == "delivery_gate"]
+    if gates:
+        checked["gate_decisions"] = 0
+    for d in gates:
+        detail = json.loads(d["detail"]) if isinstance(d["detail"], str) else d["detail"]
+        try:
+            body = json.loads(detail["signed_manifest"])
+            signing.verify(body, trusted_hub)
+        except (KeyError, ValueError, signing.SignatureError) as err:
+            problems.append(f"gate decision on {d['subject']}: signed manifest does not verify: {err}")
+            continue
+        if f"v{body['version']}" != d["subject"] or body.get("serve") != detail.get("serve"):
+            problems.append(f"gate decision on {d['subject']}: its signed manifest says v{body['version']} serves "
+                            f"{body.get('serve')}, the record {detail.get('serve')}")  # fmt: skip
+        if (body.get("gate") or {}).get("state") != detail.get("state"):
+            problems.append(f"gate decision on {d['subject']}: state differs between the record and the manifest")
+        checked["gate_decisions"] += 1
     return {"checked": checked, "problems": problems, "ok": not problems}

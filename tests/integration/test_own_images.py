@@ -63,6 +63,19 @@ def test_sites_with_300px_grayscale_images_and_no_public_data_get_a_delivered_mo
             return True
 
         wait_for(installed, 600, "every site to install the delivered model")
+
+        def served() -> bool:  # the delivery gate decided on the sites' held-out evaluations of every head
+            v = hub.registry.latest().version
+            decision = hub.ledger.gate_decision(v)
+            if decision is None:
+                return False
+            for s in SITES:
+                last = [SiteStatus.model_validate_json(b) for b in watcher.on(TOPICS.site(s, "status")) if b][-1]
+                if (last.serving_version, last.serving_head) != (v, decision["serve"]):
+                    return False
+            return True
+
+        wait_for(served, 300, "the delivery gate to decide and every site to serve its choice")
     finally:
         stop_edges(procs)
         watcher.stop()
@@ -74,3 +87,9 @@ def test_sites_with_300px_grayscale_images_and_no_public_data_get_a_delivered_mo
         assert "Traceback" not in log_text, log_text[-2000:]
         last = [SiteStatus.model_validate_json(b) for b in watcher.on(TOPICS.site(s, "status")) if b][-1]
         assert last.model_version == latest.version
+    decision = hub.ledger.gate_decision(latest.version)
+    assert decision["state"] == "served", decision
+    assert set(decision["balanced_accuracy"]) == {"logits", "head_nearest_prototype"}
+    best = max(v for v in decision["balanced_accuracy"].values() if v is not None)
+    assert decision["balanced_accuracy"][decision["serve"]] == best > 0.5
+    assert decision["samples"] == sum(r["samples"] for r in hub.ledger.evaluations(latest.version))

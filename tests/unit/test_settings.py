@@ -100,7 +100,7 @@ def test_every_path_the_settings_name_is_checked(tmp_path: Path) -> None:
         "hub_public_key_file": f"{tmp_path} is not a file",
         "bundle": dict(path_problems(edge))["bundle"],
     }
-    assert "no bundled foundation model 'nosuch'" in dict(path_problems(edge))["bundle"]
+    assert "no foundation bundle 'nosuch'" in dict(path_problems(edge))["bundle"]
 
 
 def test_unreadable_files_and_unwritable_parents_are_reported(tmp_path: Path, monkeypatch) -> None:

@@ -34,8 +34,11 @@ def model_messages(
     encoder_id: str,
     signing_key: signing.Ed25519PrivateKey,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    serve: str | None = "logits",
+    gate: dict | None = None,
 ) -> tuple[ModelManifest, bytes, list[tuple[str, bytes]]]:
-    """The signed manifest (as a model and as the exact bytes to publish) and the chunk messages of one version."""
+    """The signed manifest (as a model and as the exact bytes to publish) and the chunk messages of one version;
+    `serve` and `gate`: the delivery gate's word on which head the sites serve (docs/delivery-gate.md)."""
     data = version.path.read_bytes()
     if hashlib.sha256(data).hexdigest() != version.sha256:
         raise RuntimeError(f"model v{version.version} on disk does not match its registry sha256")
@@ -70,6 +73,9 @@ def model_messages(
         # float32 weights, up and down, of the model FedAvg would train: the bench's CNN when the delivered model is
         # the closed-form head (whose frozen encoder and random features no FedAvg round would send), else this one.
         "fedavg_round_bytes": 2 * 4 * int(meta.get("fedavg_reference_parameters") or onnx_parameters(data)),
+        "heads": meta.get("heads") or {"logits": "candidate"},
+        "serve": serve,
+        "gate": gate,
     }
     signed = signing.sign(body, signing_key)
     manifest = ModelManifest.model_validate(signed)  # the exact object signed, checked against the contract
