@@ -63,7 +63,7 @@ from bench.unlearning import World, contribution_id, derive, load_world, mean_st
 from contract.payloads import Contribution
 from edge.encoder import OnnxEncoder
 from hub import datasets
-from hub.framu import Decision, Framu, FramuConfig, SiteEvaluation, config_dict
+from hub.framu import FEATURE_NAMES, Decision, Framu, FramuConfig, SiteEvaluation, config_dict
 from hub.framu.agent import RECOMMENDED
 from hub.learning.closed_form import ClosedFormHead, ContributionStats, solve, sum_stats
 from hub.learning.exact import ExactConfig, ExactTrainer
@@ -135,6 +135,8 @@ class Case:
     test_labels: np.ndarray
     trainer: ExactTrainer
     synth_s: float
+    # (contribution ids, weights) -> the solved head: the same fit twice is solved once (exact: a pure function).
+    fits: dict = field(default_factory=dict, repr=False)
 
 
 def derangement(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -240,8 +242,12 @@ def scenario_variants(case: Case, scenario: str, st: Setting) -> dict[int, str]:
 def fit(case: Case, contribs: list[Contribution], weights: dict[str, float] | None) -> ClosedFormHead:
     """The hub's closed-form head for these contributions and weights (sum in id order, solve)."""
     cfg = case.trainer.config
-    total = sum_stats([case.stats[c.contribution_id] for c in contribs], weights)
-    return solve(total, variant=cfg.variant, lam=cfg.lam)  # type: ignore[arg-type]
+    ids = tuple(sorted(c.contribution_id for c in contribs))
+    key = (ids, None if weights is None else tuple(float(weights[i]).hex() for i in ids))
+    if key not in case.fits:
+        total = sum_stats([case.stats[c.contribution_id] for c in contribs], weights)
+        case.fits[key] = solve(total, variant=cfg.variant, lam=cfg.lam)  # type: ignore[arg-type]
+    return case.fits[key]
 
 
 def predict(head: ClosedFormHead, feats: np.ndarray) -> np.ndarray:
@@ -255,32 +261,76 @@ def scores(head: ClosedFormHead, case: Case) -> tuple[float, float]:
     return float((pred == case.test_labels).mean()), float(balanced_accuracy_score(case.test_labels, pred))
 
 
-def evaluations(head: ClosedFormHead, case: Case, variants: dict[int, str], version: int) -> list[SiteEvaluation]:
-    """Every site's report: accuracy of the model on its own holdout (bad sites on their bad holdout)."""
+def confusion(pred: np.ndarray, truth: np.ndarray, labels: tuple[str, ...]) -> list[list[int]]:
+    """Rows true label, columns predicted, in `labels` order (the manifest's): what a site reports per head."""
+    index = {n: i for i, n in enumerate(labels)}
+    m = np.zeros((len(labels), len(labels)), np.int64)
+    for t, p in zip(truth, pred, strict=True):
+        if t in index and p in index:
+            m[index[t], index[p]] += 1
+    return m.tolist()
+
+
+def evaluations(
+    head: ClosedFormHead,
+    case: Case,
+    variants: dict[int, str],
+    version: int,
+    loo: dict[str, ClosedFormHead] | None = None,
+) -> list[SiteEvaluation]:
+    """Every site's report: accuracy of the model on its own holdout (bad sites on their bad holdout).
+
+    With `loo` (contribution id -> the model refitted without it, the leave-one-out heads the
+    delivered model carries), the report also holds the held-out confusion matrix of the full model
+    and of every leave-one-out head, on the same samples, as a site reports them on `eval`.
+    """
     out = []
     for s, site in enumerate(case.sites):
         v = variants[s]
-        acc = float((predict(head, site.hold_feats[v]) == site.hold_labels[v]).mean())
-        out.append(SiteEvaluation(site.name, version, acc, len(site.hold_labels[v])))
+        feats, truth = site.hold_feats[v], site.hold_labels[v]
+        pred = predict(head, feats)
+        acc = float((pred == truth).mean())
+        if loo:
+            full = confusion(pred, truth, head.label_names)
+            without = {cid: confusion(predict(h, feats), truth, head.label_names) for cid, h in sorted(loo.items())}
+            out.append(SiteEvaluation(site.name, version, acc, len(truth), full, without))
+        else:
+            out.append(SiteEvaluation(site.name, version, acc, len(truth)))
     return out
+
+
+def head_bytes(head: ClosedFormHead) -> int:
+    """Bytes one more head adds to the delivered ONNX model: its weights and bias as float32 initializers."""
+    return 4 * (head.weights.size + head.bias.size)
 
 
 def run_framu(case: Case, variants: dict[int, str], cfg: FramuConfig, st: Setting) -> dict:
     """FRAMU over `st.rounds` rounds as the service runs it (mode auto); the final model and what was unlearned."""
     agent = Framu(cfg)
     active = sorted((case.sites[s].contribs[v] for s, v in variants.items()), key=lambda c: c.contribution_id)
-    evals: list[SiteEvaluation] = []
+    evals: list[SiteEvaluation] = []  # every report so far, as the hub's ledger holds them
     decided: list[tuple[int, Decision]] = []
     trace = []
+    loo_heads, loo_bytes, model_bytes = 0, 0, 0
     for t in range(st.rounds):
         now = T0 + timedelta(seconds=t * st.round_interval_s)
+        # Before training, as the service asks: which contributions the round's model carries a LOO head for.
+        wanted = agent.loo_wanted(active, evals, now)
         w = agent.weights(active, evals, now, round_key=f"round-{t}")
         head = fit(case, active, w)
-        evals = evaluations(head, case, variants, version=t + 1)
+        # A leave-one-out head: the same weighted fit with the contribution's weight 0 (bit-identical to absence).
+        loo = {cid: fit(case, [c for c in active if c.contribution_id != cid], w) for cid in wanted}
+        evals = evals + evaluations(head, case, variants, t + 1, loo)
         td = agent.reward(t + 1, evals)
-        att = agent.state()["attention"]
-        trace.append({"round": t, "reward": agent.state()["last"].get("reward"), "td_error": td,
-                      "attention": {c.site_id: att[c.contribution_id] for c in active}})  # fmt: skip
+        state = agent.state()
+        att, phi, gain = state["attention"], state["features"], FEATURE_NAMES.index("loo_gain")
+        loo_heads += len(loo)
+        loo_bytes += sum(head_bytes(h) for h in loo.values())
+        model_bytes += head_bytes(head)
+        trace.append({"round": t, "reward": state["last"].get("reward"), "td_error": td,
+                      "attention": {c.site_id: att[c.contribution_id] for c in active},
+                      "loo": sorted(next(c.site_id for c in active if c.contribution_id == cid) for cid in loo),
+                      "loo_gain": {c.site_id: phi[c.contribution_id][gain] for c in active}})  # fmt: skip
         for d in agent.decide(w, active, now):
             decided.append((t, d))
             active = [c for c in active if c.contribution_id != d.contribution_id]  # the exact path: dropped
@@ -298,6 +348,9 @@ def run_framu(case: Case, variants: dict[int, str], cfg: FramuConfig, st: Settin
         "false_positives": sum(1 for u in unlearned if not u["bad"]),
         "missed": len(bad - {u["site"] for u in unlearned}),
         "final_weights": {c.site_id: final_w[c.contribution_id] for c in active},
+        "loo_heads": loo_heads,  # leave-one-out heads over the rounds (each delivered to every site)
+        "loo_bytes": loo_bytes,  # their bytes in the delivered models, summed over the rounds (per site)
+        "head_bytes": model_bytes,  # the full heads' bytes over the same rounds, for scale
         "trace": trace,
         "theta": agent.state()["theta"],
     }
@@ -321,7 +374,8 @@ def run_case(case: Case, st: Setting, cfg: FramuConfig, dataset: str, log: Calla
         for name, c in (("framu", cfg), ("framu-norl", replace(cfg, learn=False))):
             r = run_framu(case, variants, c, st)
             row[f"acc_{name}"], row[f"bal_acc_{name}"] = r["acc"], r["bal_acc"]
-            for k in ("unlearned", "false_positives", "missed", "final_weights", "theta"):
+            kept = ("unlearned", "false_positives", "missed", "final_weights", "theta", "loo_heads", "loo_bytes")
+            for k in (*kept, "head_bytes"):
                 row[f"{k}_{name}"] = r[k]
             row[f"trace_{name}"] = r["trace"]
         rows.append(row)
@@ -346,6 +400,15 @@ FEATURE_GRID = {
     "require_evaluation": (False, True),
 }
 RL_GRID = {"exploration": (0.5, 1.0), "lr": (0.5, 2.0), "reward_aggregate": ("median", "trimmed", "mean")}
+# The counterfactual stage (`--select-stage counterfactual`), at the defaults the stages above chose:
+# the prior's loo_gain coefficient (negative: a contribution that hurts the others loses attention),
+# which contributions get a leave-one-out head (attention below loo_below, at most loo_max), and how
+# many versions pool into loo_gain. The first row is today's FRAMU (no head asked). Learning is off in
+# this stage (as in stage 1), so the weights repeat from round to round and pooling versions changes
+# nothing: loo_window is set (1), not searched; loo_below 0.9 is set too (a contribution with nothing
+# against it sits at sigmoid(bias) = 0.95).
+LOO_GRID = {"loo_gain": (-12.5, -25.0, -50.0, -100.0), "loo_below": (0.9,), "loo_max": (2, 6), "loo_window": (1,)}
+LOO_NONE = {"loo_gain": 0.0, "loo_below": 0.0, "loo_max": 0, "loo_window": 1}
 
 
 def grid(axes: dict[str, tuple]) -> list[dict]:
@@ -361,6 +424,10 @@ def candidate(base: FramuConfig, g: dict) -> FramuConfig:
         cfg = replace(cfg, consensus=g["consensus"], prior=tuple(prior.items()))
         cfg = replace(cfg, min_support=g.get("min_support", cfg.min_support),
                       require_evaluation=g.get("require_evaluation", cfg.require_evaluation))  # fmt: skip
+    if "loo_gain" in g:
+        prior = dict(cfg.prior) | {"loo_gain": g["loo_gain"]}
+        cfg = replace(cfg, prior=tuple(prior.items()), loo_below=g["loo_below"], loo_max=g["loo_max"],
+                      loo_window=g["loo_window"])  # fmt: skip
     if "exploration" in g:
         cfg = replace(cfg, exploration=g["exploration"], learning_rate=g["lr"], offset_learning_rate=g["lr"],
                       reward_aggregate=g["reward_aggregate"])  # fmt: skip
@@ -387,7 +454,8 @@ def score(cases: list[Case], st: Setting, cfg: FramuConfig, g: dict, stage: str)
             rows.append({"stage": stage, "seed": case.seed, "scenario": scenario, **g, "val_acc": r["acc"],
                          "val_acc_uniform": scores(fit(case, allc, None), case)[0],
                          "val_acc_oracle": scores(fit(case, good, None), case)[0],
-                         "false_positives": r["false_positives"], "missed": r["missed"]})  # fmt: skip
+                         "false_positives": r["false_positives"], "missed": r["missed"],
+                         "loo_heads": r["loo_heads"], "loo_bytes": r["loo_bytes"]})  # fmt: skip
     return rows
 
 
@@ -458,6 +526,24 @@ def select(w: World, st: Setting, cache: Path, log: Callable, jobs: int = 1) -> 
             "rows": rows1 + rows2 + caps}  # fmt: skip
 
 
+def select_counterfactual(w: World, st: Setting, cache: Path, log: Callable, jobs: int = 1) -> dict:
+    """The counterfactual stage alone, on the validation seeds, at the committed defaults (`Setting.framu`).
+
+    Learning off, as in stage 1 (what the features give before any reward); ranked by
+    `select_summary`, ties going to fewer leave-one-out heads (bytes) and the weaker coefficient.
+    """
+    global _POOL_CASES
+    base = FramuConfig(**{**st.framu, "prior": tuple(st.framu["prior"].items())})
+    _pmap(_warm_job, [(w, st, seed, cache, True) for seed in st.select_seeds], jobs)
+    _POOL_CASES = [validation_case(w, st, seed, cache, log) for seed in st.select_seeds]
+    cands = [LOO_NONE, *grid(LOO_GRID)]
+    jobs_ = [(st, replace(candidate(base, g), learn=False), g, "counterfactual") for g in cands]
+    rows = [r for rs in _pmap(_score_job, jobs_, jobs) for r in rs]
+    log(f"[select {w.name}] counterfactual: {len(cands)} candidates scored")
+    rank = select_summary(rows, tuple(LOO_GRID))
+    return {"counterfactual": rank, "chosen": {k: rank[0][k] for k in LOO_GRID}, "rows": rows}
+
+
 def select_summary(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
     """Per candidate: mean validation accuracy over seeds and scenarios, false positives and misses; best first.
 
@@ -476,13 +562,15 @@ def select_summary(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
                     "val_acc_uniform": float(np.mean([r["val_acc_uniform"] for r in grp])),
                     "val_acc_oracle": float(np.mean([r["val_acc_oracle"] for r in grp])),
                     "false_positives": int(sum(r["false_positives"] for r in grp)),
-                    "missed": int(sum(r["missed"] for r in grp))})  # fmt: skip
+                    "missed": int(sum(r["missed"] for r in grp)),
+                    "loo_heads": float(np.mean([r.get("loo_heads", 0) for r in grp]))})  # fmt: skip
     safety = {"trimmed": 0, "median": 1, "mean": 2}
 
     def key(r: dict) -> tuple:
         return (r["false_positives"], -round(r["val_acc"], 4), safety.get(r.get("reward_aggregate", ""), 0),
                 r.get("exploration", 0.0), r.get("lr", 0.0), 0 if r.get("consensus") == "median" else 1,
-                0 if r.get("require_evaluation", True) else 1)  # fmt: skip
+                0 if r.get("require_evaluation", True) else 1, round(r.get("loo_heads", 0.0), 1),
+                -r.get("loo_gain", 0.0))  # fmt: skip
 
     return sorted(out, key=key)
 
@@ -507,6 +595,10 @@ def summarize(rows: list[dict]) -> list[dict]:
             s[f"false_positives_{m}"] = int(sum(r[f"false_positives_{m}"] for r in grp))
             s[f"missed_{m}"] = int(sum(r[f"missed_{m}"] for r in grp))
             s[f"seeds_with_unlearning_{m}"] = int(sum(1 for r in grp if r[f"unlearned_{m}"]))
+            # Leave-one-out heads: per run (the rounds of one seed), each delivered to every site.
+            s[f"loo_heads_{m}"] = float(np.mean([r.get(f"loo_heads_{m}", 0) for r in grp]))
+            s[f"loo_bytes_{m}"] = float(np.mean([r.get(f"loo_bytes_{m}", 0) for r in grp]))
+            s[f"head_bytes_{m}"] = float(np.mean([r.get(f"head_bytes_{m}", 0) for r in grp]))
         s["bad_contributions"] = int(sum(len(r["bad_sites"]) for r in grp))
         out.append(s)
     return out
@@ -547,7 +639,10 @@ def markdown(summary: list[dict], rows: list[dict], meta: dict) -> str:
         f"{fr['learning_rate']} (theta) / {fr['offset_learning_rate']} (offsets) / {fr['value_learning_rate']} (value), "
         f"reward = {fr['reward_aggregate']} of the sites' accuracies, consensus = {fr.get('consensus', 'mean')}, "
         f"at most {fr.get('max_unlearn_share', 0.5):.2f} of the sites excluded (chosen by `--select` on validation data, "
-        "bench/results/framu-select.json).",
+        "bench/results/framu-select.json); counterfactual evidence: a leave-one-out head for contributions whose "
+        f"attention is below {fr.get('loo_below', 0.0)}, at most {fr.get('loo_max', 0)} per model, loo_gain pooled over "
+        f"{fr.get('loo_window', 1)} version(s), prior {fr['prior'].get('loo_gain', 0.0)} (`--select-stage "
+        "counterfactual`, bench/results/framu-select-loo.json).",
         "",
         "## Test accuracy (mean ± std over seeds)",
         "",
@@ -577,6 +672,23 @@ def markdown(summary: list[dict], rows: list[dict], meta: dict) -> str:
             f"{pm(s, 'bal_acc_framu-norl')} | {pm(s, 'bal_acc_oracle')} | {s['bad_contributions']} | "
             f"{s['unlearned_bad_framu']} / {s['false_positives_framu']} / {s['missed_framu']} | "
             f"{s['unlearned_bad_framu-norl']} / {s['false_positives_framu-norl']} / {s['missed_framu-norl']} |"
+        )
+    lines += [
+        "",
+        f"## Leave-one-out heads (counterfactual evidence; mean per run of {st['rounds']} rounds, per site)",
+        "",
+        "Each leave-one-out head is one more output of the delivered model: the closed-form head refitted with one "
+        "contribution's weight 0, n_features x labels float32 weights + labels float32 bias. Every site downloads it "
+        "with the model and evaluates it on its held-out samples (one more confusion matrix on `eval`).",
+        "",
+        "| dataset | scenario | FRAMU: LOO heads | FRAMU: LOO bytes | without RL: LOO heads | without RL: LOO bytes | full head bytes (same rounds) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['dataset']} | {s['scenario']} | {s['loo_heads_framu']:.1f} | {s['loo_bytes_framu'] / 1024:.0f} KiB | "
+            f"{s['loo_heads_framu-norl']:.1f} | {s['loo_bytes_framu-norl'] / 1024:.0f} KiB | "
+            f"{s['head_bytes_framu'] / 1024:.0f} KiB |"
         )
     lines += [
         "",
@@ -665,6 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="digits, seed 0, 12 rounds")
     ap.add_argument("--select", action="store_true", help="score FRAMU settings on validation data and exit")
+    ap.add_argument("--select-stage", choices=("all", "counterfactual"), default="all",
+                    help="with --select: every stage (framu-select.json) or the counterfactual stage alone at the "
+                    "committed defaults (framu-select-loo.json)")  # fmt: skip
     ap.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--cache", type=Path, help="synthesis and statistics cache directory (default: a temporary one)")
@@ -680,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(f"{time.perf_counter() - start:7.1f}s {s}", flush=True)  # noqa: E731
     command = "python -m bench.framu" + " ".join(
         [""] + (["--quick"] if args.quick else []) + (["--select"] if args.select else [])
+        + (["--select-stage", args.select_stage] if args.select and args.select_stage != "all" else [])
         + (["--seeds", *map(str, args.seeds)] if args.seeds else [])
     )  # fmt: skip
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread"
@@ -690,6 +806,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or Path(tmp)
         worlds = {name: load_world(name) for name in st.datasets}
+        if args.select and args.select_stage == "counterfactual":
+            sel = {name: select_counterfactual(worlds[name], st, cache, log, args.jobs) for name in st.datasets}
+            meta = {"command": command, "wall_s": round(time.perf_counter() - start, 1), "machine": machine,
+                    "setting": asdict(st), "loo_grid": LOO_GRID, "loo_none": LOO_NONE}  # fmt: skip
+            (args.out / "framu-select-loo.json").write_text(json.dumps({"meta": meta, **sel}, indent=1) + "\n")
+            for name, r in sel.items():
+                print(name, "chosen:", r["chosen"])
+                for x in r["counterfactual"]:
+                    print("  counterfactual:", x)
+            print(f"wrote {args.out / 'framu-select-loo.json'}")
+            return 0
         if args.select:
             sel = {name: select(worlds[name], st, cache, log, args.jobs) for name in st.datasets}
             meta = {"command": command, "wall_s": round(time.perf_counter() - start, 1), "machine": machine,
