@@ -128,17 +128,24 @@ def cmd_round(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the ledger's view: contributions by state, rounds, rejections, evaluations."""
+    """Print the ledger's view: contributions by state, rounds, rejections, evaluations (each head's confusion
+    matrix) and the delivery gate's decisions on the newest versions."""
     found = _existing_ledger(args)
     if found is None:
         return 2
     _, ledger = found
     try:
+        gates = []
+        for d in ledger.decisions("delivery_gate", 5):
+            detail = json.loads(d["detail"])
+            detail.pop("signed_manifest", None)  # in the audit export; here, what was decided and why
+            gates.append({"model": d["subject"], **detail})
         out = {
             "contributions": ledger.counts_by_state(),
             "rounds": [r.__dict__ for r in ledger.rounds()[-10:]],
             "rejections": ledger.rejections()[-10:],
             "evaluations": ledger.evaluations()[-20:],
+            "delivery_gate": gates,
         }
     finally:
         ledger.close()

@@ -364,10 +364,17 @@ class Ledger:
         return rows
 
     # --- the delivery gate ---
-    def record_gate(self, version: int, decision: dict, signed_manifest: bytes) -> None:
-        """The delivery gate's decision on model `version`, with the signed manifest that told the sites."""
+    def record_gate(self, version: int, decision: dict, signed_manifest: bytes) -> bool:
+        """The delivery gate's decision on model `version`, with the signed manifest that told the sites; False
+        (nothing written) when another hub worker recorded one first."""
         with self._tx():
+            taken = self._db.execute(
+                "SELECT 1 FROM decisions WHERE kind = 'delivery_gate' AND subject = ?", (f"v{version}",)
+            ).fetchone()
+            if taken:
+                return False
             self._decide("delivery_gate", f"v{version}", {**decision, "signed_manifest": signed_manifest.decode()})
+            return True
 
     def gate_decision(self, version: int) -> dict | None:
         """The latest recorded gate decision on model `version` (with its signed manifest), or None."""

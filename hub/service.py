@@ -694,8 +694,9 @@ class HubService:
         gate = {k: val for k, val in record.items() if k in GateDecision.model_fields}
         _, body, _ = model_messages(version, self.topics, self.foundation.encoder_id, self.signing_key,
                                     self.settings.chunk_bytes, serve=decision.serve, gate=gate)  # fmt: skip
-        self.ledger.record_gate(v, record, body)  # durable before the sites hear of it
         self._gate_decided = v
+        if not self.ledger.record_gate(v, record, body):  # durable before the sites hear of it
+            return None  # another hub worker decided first, and publishes its decision
         self._note_gate(version, decision)
         try:
             self.bus.publish(self.topics.hub_model, body, retain=True)
