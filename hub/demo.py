@@ -196,9 +196,10 @@ class Observer:
             self.changed.set()
 
     def done(self, sites: list[str], version: int | None = None) -> bool:
-        """Every site runs the current model (at least `version`), has reported on it and has an empty outbox."""
+        """Every site runs the current model (at least `version`), has reported on it and has an empty outbox, and
+        the delivery gate has decided which of its heads they serve."""
         m = self.manifest
-        if m is None or (version is not None and m.version < version):
+        if m is None or (version is not None and m.version < version) or (m.gate and m.gate.state == "pending"):
             return False
         return all(
             (s in self.statuses and self.statuses[s].model_version == m.version and self.statuses[s].outbox_depth == 0
@@ -332,6 +333,10 @@ def run_demo(
                 log(
                     f"{time.monotonic() - t0:6.1f} s  hub: model v{m.version} published ({m.size_bytes:,} B ONNX in {len(m.chunks)} chunks)"
                 )
+            if m is not None and m.gate and m.gate.state != "pending" and ("g", m.version) not in seen:
+                seen.add(("g", m.version))
+                log(f"{time.monotonic() - t0:6.1f} s  hub: delivery gate on model v{m.version}: {m.gate.state}, "
+                    f"{m.gate.reason}")  # fmt: skip
             for (s, v), e in list(observer.evals.items()):
                 if (s, "e") not in seen:
                     seen.add((s, "e"))
@@ -361,6 +366,7 @@ def run_demo(
             "model_path": str(model_path),
             "model_bytes": m.size_bytes,
             "fedavg_50_rounds_bytes_per_site": 50 * m.fedavg_round_bytes,
+            "delivery_gate": {"serve": m.serve, **m.gate.model_dump(exclude={"decided_at"})} if m.gate else None,
             "round_trip_s": round(elapsed, 1),
             "broker": broker.kind,
             "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()},
@@ -471,6 +477,11 @@ def print_table(result: dict) -> None:
     print(f"FedAvg, 50 rounds of the CNN:    {fed:,} B per site, up and down ({fed / both:,.1f}x that traffic, "
           f"{fed / sent:,.0f}x the upload)")  # fmt: skip
     print(f"from start to every site running the model: {result['round_trip_s']} s, over {result['broker']}")
+    g = result.get("delivery_gate")
+    if g:
+        served = g["balanced_accuracy"].get(g["serve"]) if g["serve"] else None
+        print(f"delivery gate: {g['state']}, serving {g['serve'] or 'nothing new'}"
+              + (f" (balanced accuracy {served:.1%} on {g['samples']} pooled held-out samples)" if served else ""))  # fmt: skip
     f = result.get("forget")
     if f:
         print()
