@@ -30,7 +30,7 @@ from contract.payloads import (
 from contract.topics import Topics
 from hub.config import HubSettings
 from hub.delivery import clear_messages, model_messages
-from hub.delivery.gate import Decision, choose, pooled
+from hub.delivery.gate import Decision, choose, pooled, recalls
 from hub.delivery.heads import add_linear_head, add_nearest_prototype, roles_with
 from hub.intake import Rejected, parse_contribution, parse_evaluation, parse_site_status
 from hub.learning.exact import ExactModel
@@ -330,7 +330,8 @@ class HubService:
 
     def _ingest_evaluation(self, site_id: str, payload: bytes) -> Outcome:
         versions = set(self.registry.versions())
-        e = parse_evaluation(payload, site_id, versions)
+        # Each head's confusion matrix is labels^2 counts: evaluations may be as large as contributions.
+        e = parse_evaluation(payload, site_id, versions, max(16 * 1024, self.settings.max_payload_bytes))
         if e.heads:
             meta = self.registry.get(e.model_version).manifest
             heads, n = set(meta.get("heads") or {"logits": "candidate"}), len(meta["labels"])
@@ -716,8 +717,6 @@ class HubService:
                 self.metrics.federated_balanced_accuracy.labels(head, "1" if head == decision.serve else "0").set(score)
         self.metrics.federated_recall.clear()
         if decision.confusion is not None:
-            from hub.delivery.gate import recalls
-
             for label, r in zip(version.manifest["labels"], recalls(decision.confusion), strict=True):
                 if r is not None:
                     self.metrics.federated_recall.labels(label).set(r)
