@@ -15,6 +15,7 @@ from contract import signing
 from contract.payloads import RefinementRequest, RefinementStatistics, SiteStatus, UnlearningCertificate
 from contract.topics import Topics
 from hub import datasets
+from hub.config import RoundPolicy
 from hub.service import HubService
 from hub.unlearning import audit
 from runtime.mqtt import BrokerSettings
@@ -60,7 +61,7 @@ def test_sites_refine_the_head_and_a_forget_request_re_solves_it_exactly(
         first = hub.registry.get(1).manifest
         assert first["method"] == "closed_form_exact" and "sites" not in first["refinement"]
         request_ = RefinementRequest.model_validate_json(watcher.on(TOPICS.hub_refine)[0])
-        assert request_.model_version == 1 and request_.dim == 96
+        assert request_.model_version == 1 and request_.dim == RoundPolicy().refine_dim
         stats = {s: RefinementStatistics.model_validate_json(watcher.on(TOPICS.site(s, "refine"))[0]) for s in SITES}
         assert sorted(v_refined.manifest["contributions"]) == sorted(st.statistics_id for st in stats.values())
 
