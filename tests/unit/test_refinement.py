@@ -200,3 +200,31 @@ def test_over_the_embedding_the_model_outputs_its_projection_and_every_lambda_is
     assert with_feature_output(path.read_bytes(), proj) == path.read_bytes()
     with pytest.raises(ValueError, match="only closed-form models"):
         with_feature_output((tiny_bundle / "encoder.onnx").read_bytes(), proj)
+
+
+def test_the_hub_solves_one_head_per_lambda_from_the_same_sum(tmp_path: Path) -> None:
+    """Refinement with extra lambdas: `logits` at refine_lam, head_refined_<i> at each extra one, all from one sum,
+    named in the model's head outputs; the head's digest names the sum, so a bit-identical refit of it covers all."""
+    from hub.refinement import Refinement
+
+    z, y = _data(dim=12)
+    req = _request(12)
+    payloads = {}
+    for i, part in enumerate(np.array_split(np.arange(len(y)), 3)):
+        made = statistics(z[part], [y[j] for j in part], 5)
+        assert made is not None
+        st = make_statistics(f"site-{i}", req, f"{i:032x}", 5, *made)
+        payloads[st.statistics_id] = st.model_dump_json().encode()
+    fm = FeatureMap(dim=8, n_features=12, seed=0)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ref = Refinement(ledger, Projection(fm, dim=12, kind="rff"), tmp_path / "encoder.onnx", "enc",
+                     signing.Ed25519PrivateKey.generate(), 5, 1 << 20, 60.0, lam=1e-4, lams=(1e-3, 1e-1))  # fmt: skip
+    model = ref._solve(payloads, dict.fromkeys(payloads, "site"))
+    total = sum_stats([to_stats(RefinementStatistics.model_validate_json(p)) for p in payloads.values()])
+    assert model.head.digest() == solve(total, lam=1e-4).digest()
+    assert [h.digest() for h in model.heads] == [solve(total, lam=lam).digest() for lam in (1e-3, 1e-1)]
+    assert list(model.head_outputs()) == [head_name(0), head_name(1)]
+    assert {h.trained_on for h in model.heads} == {model.head.trained_on} == {total.digest()}
+    again = ref._solve(payloads, dict.fromkeys(payloads, "site"))
+    assert [h.digest() for h in (again.head, *again.heads)] == [h.digest() for h in (model.head, *model.heads)]
+    ledger.close()
