@@ -87,7 +87,7 @@ PRIOR: dict[str, float] = {
     "log_site_idle_days": 0.0,
     "log_count_ratio": 0.0,
     "encoder_majority": 4.0,
-    "loo_gain": 0.0,
+    "loo_gain": -25.0,  # `--select-stage counterfactual` (bench/results/framu-select-loo.json)
 }
 
 
@@ -117,8 +117,8 @@ class FramuConfig:
     require_evaluation: bool = True  # a round counts towards a streak only once the site's evaluation is in
     learn: bool = True  # False: the fixed attention policy (features alone, no exploration, no updates)
     # Counterfactual evidence (docs/framu.md): which contributions get a leave-one-out head in a round's model.
-    loo_below: float = 0.0  # a contribution whose noise-free attention is below this wants one (0: none is asked)
-    loo_max: int = 2  # at most this many leave-one-out heads per model, lowest attention first
+    loo_below: float = 0.9  # a contribution whose noise-free attention is below this wants one (0: none is asked)
+    loo_max: int = 6  # at most this many leave-one-out heads per model, lowest attention first
     loo_window: int = 1  # model versions pooled into loo_gain (the newest with a head for the contribution)
 
     def __post_init__(self) -> None:
