@@ -16,8 +16,10 @@ but valid, so age alone cannot tell bad data from good.
 Methods, all with the hub's closed-form head (hub/learning: per-contribution statistics of the
 synthesized contributions, summed with weights in id order, solved):
   uniform     every contribution, weight 1 (today's hub)
-  framu       T rounds as the service runs them: weights (with exploration) -> weighted fit -> every
-              site evaluates the model on its holdout -> reward (TD update) -> decisions
+  framu       T rounds as the service runs them: leave-one-out heads asked (loo_wanted) -> weights
+              (with exploration) -> weighted fit, and one refit per LOO head with that contribution's
+              weight 0 -> every site evaluates the model and each LOO head on its holdout (accuracy,
+              confusion matrices) -> reward (TD update) -> decisions
               (threshold/patience) -> decided contributions dropped through the exact path; the
               final model uses the noise-free weights of what is left
   framu-norl  the same rounds with learning off: the initial attention policy on the features alone
@@ -29,6 +31,7 @@ Writes bench/results/framu.json, framu.md, framu.png.
     python -m bench.framu              # digits, seeds 0-9: about 15 min of synthesis on 2 cores, then 2 min
     python -m bench.framu --quick      # digits, seed 0, 12 rounds: about 2 min (synthesis of 10 contributions)
     python -m bench.framu --select     # choose FRAMU's hyper-parameters on validation data (about 25 min)
+    python -m bench.framu --select --select-stage counterfactual   # the leave-one-out stage alone (about 5 min cached)
     --cache DIR keeps the synthesis and statistics between runs (then a full run takes about 2 min)
     --jobs N    N worker processes (seeds, and --select's candidates); the results do not depend on N
 

@@ -2,6 +2,9 @@
 
 One round, as the hub runs it (docs/framu.md):
 
+0. `loo_wanted(contributions, evaluations, now)`: the contributions (attention below `loo_below`, at
+   most `loo_max`) whose leave-one-out head the round's model should carry; the sites' confusion
+   matrices of those heads give the `loo_gain` feature (hub/framu/features.py).
 1. `weights(contributions, evaluations, now, round_key)`: features of every contribution (state),
    noise-free attention a_c = sigmoid(mu_c) with mu_c = bias + theta . z_c + u_c, z_c = phi_c - ref
    (ref: a fixed reference, or the median over the contributions for age, idle time), and the
