@@ -167,6 +167,13 @@ class FramuSettings(BaseModel):
         description="Rounds in a row that FRAMU may start on its own (each ships a model) while a contribution "
         "is below the threshold but not yet decided; new input resets the count.",
     )  # fmt: skip
+    loo_heads: int = Field(
+        default=RECOMMENDED.loo_max, ge=0, le=16,
+        description="Leave-one-out heads per model for the counterfactual evidence (docs/framu.md): the sites "
+        "evaluate the model without each of up to this many low-attention contributions. Each head is "
+        "n_features x labels float32 in the delivered model (40 KiB for 1024 features and 10 labels). 0: none; "
+        "on validation they did not help.",
+    )  # fmt: skip
 
 
 class StableDiffusionSettings(BaseModel):

@@ -121,7 +121,9 @@ class FramuConfig:
     learn: bool = True  # False: the fixed attention policy (features alone, no exploration, no updates)
     # Counterfactual evidence (docs/framu.md): which contributions get a leave-one-out head in a round's model.
     loo_below: float = 0.9  # a contribution whose noise-free attention is below this wants one (0: none is asked)
-    loo_max: int = 6  # at most this many leave-one-out heads per model, lowest attention first
+    # At most this many leave-one-out heads per model, lowest attention first. 0 (none) by default: on validation
+    # the heads tied FRAMU without them and were worse in the stale scenario (docs/framu.md, stage 3).
+    loo_max: int = 0
     loo_window: int = 1  # model versions pooled into loo_gain (the newest with a head for the contribution)
 
     def __post_init__(self) -> None:

@@ -41,7 +41,7 @@ class FramuLoop:
         self.mode = settings.mode
         cfg = FramuConfig(
             threshold=settings.threshold, patience=settings.patience, outdated_after_s=settings.outdated_after_s,
-            seed=seed, learn=self.mode == "auto",
+            seed=seed, learn=self.mode == "auto", loo_max=settings.loo_heads,
         )  # fmt: skip
         self.framu = Framu(cfg, ledger.framu_state())
         self._waiting: tuple[int, set[str], float] | None = None  # (version, sites expected, since) for a reward
