@@ -132,9 +132,9 @@ class HubService:
         if s.rounds.refine and self.trainer is not None:
             r = s.rounds
             self.refinement = Refinement(
-                self.ledger, Projection(self.trainer.feature_map, r.refine_dim, syn.seed), self.trainer.encoder_onnx,
-                self.foundation.encoder_id, self.signing_key, s.min_group_size, s.max_payload_bytes, r.refine_wait_s,
-                s.closed_form.variant, r.refine_lam,
+                self.ledger, Projection(self.trainer.feature_map, r.refine_dim, syn.seed, r.refine_features),
+                self.trainer.encoder_onnx, self.foundation.encoder_id, self.signing_key, s.min_group_size,
+                s.max_payload_bytes, r.refine_wait_s, s.closed_form.variant, r.refine_lam, tuple(r.refine_lams),
             )  # fmt: skip
         self.unlearning = Unlearning(
             self.ledger, self.signing_key, s.hub_id, self.trainer, s.site_keys_dir,
@@ -627,7 +627,8 @@ class HubService:
             "input": {"name": "image", "shape": [-1, 1, size, size], "range": [0, 1]}, "output": {"name": "logits"},
             "contributions": refined.trained_on, "statistics": refined.stats_digests,
             "training_digest": refined.training_digest, "refinement": {
-                **self._refinement_meta(), "sites": list(refined.sites), "samples": refined.synthetic_samples},
+                **self._refinement_meta(), "sites": list(refined.sites), "samples": refined.synthetic_samples,
+                "heads": refined.head_outputs()},
             "timings_s": {k: round(v, 4) for k, v in refined.timings.items()},
             "fedavg_reference_parameters": cnn_parameters(size, len(refined.label_names)),
         }  # fmt: skip

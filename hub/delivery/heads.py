@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from contract.payloads import Contribution
 
 NEAREST_PROTOTYPE = "head_nearest_prototype"
+EMBEDDING = "fedge_embedding"  # hub.refinement.features.EMBEDDING (not imported: it would import this package)
 RFF_INPUT = "fedge_rff_w"  # the closed-form model's random-feature matrix: its MatMul's other input is the embedding
 MASK = 1e4  # added to other labels' cosines before the max: far below any cosine in [-1, 1]
 
@@ -46,10 +47,13 @@ def roles_with(model_bytes: bytes, given: dict[str, str]) -> dict[str, str]:
 
 
 def embedding_tensor(graph: onnx.GraphProto) -> str | None:
-    """The encoder embedding inside a closed-form model: the tensor its random features are computed from."""
+    """The encoder embedding inside a closed-form model: the tensor its random features are computed from, or
+    the one a refined model over the embedding names (hub/refinement/features.py)."""
     for node in graph.node:
         if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] == RFF_INPUT:
             return node.input[0]
+        if EMBEDDING in node.output:
+            return EMBEDDING
     return None
 
 

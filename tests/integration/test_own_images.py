@@ -1,8 +1,9 @@
 """A factory's own images through the services: 300x300 grayscale PNGs at three sites, no public data at the hub.
 
 The hub synthesizes in the encoder's feature space (closed_form.synthesis: features, Gaussian sampling around the
-prototypes: the behaviour without public data), the edges resize to the encoder's input, and every site installs
-the delivered model, without an error report or a traceback in any log. CI has no general bundle (it is built
+prototypes: the behaviour without public data), the edges resize to the encoder's input, send refinement statistics
+of the delivered model's features, and every site serves the refined model's head the delivery gate chose, without
+an error report or a traceback in any log. CI has no general bundle (it is built
 from a package's weights by `make general`), so the digits bundle stands in for it: the path is the same.
 FEDGE_TEST_BUNDLE=<bundle dir> runs the same test on another bundle (for example the general one).
 """
@@ -44,7 +45,10 @@ def write_pngs(root: Path, data: datasets.Dataset, indices: np.ndarray) -> None:
 def test_sites_with_300px_grayscale_images_and_no_public_data_get_a_delivered_model(
     hub_factory: Callable[..., HubService], mosquitto: BrokerSettings, tmp_path: Path
 ) -> None:
-    hub = hub_factory(rounds={"min_sites": 3, "poll_s": 0.2}, closed_form={"synthesis": "features"}, foundation=BUNDLE)
+    # With the refinement round: the sites' statistics of the delivered model's features make a second, refined
+    # model (over the random features of the 32-d digits encoder; over the embedding of the general one).
+    hub = hub_factory(rounds={"min_sites": 3, "poll_s": 0.2, "refine": True}, closed_form={"synthesis": "features"},
+                      foundation=BUNDLE)  # fmt: skip
     assert isinstance(hub.synthesizer, FeatureSynthesizer)  # no image generator is used
     watcher = Watcher(mosquitto, [TOPICS.all_sites("status"), TOPICS.all_sites("errors")])
     data = datasets.load("digits")
@@ -63,6 +67,12 @@ def test_sites_with_300px_grayscale_images_and_no_public_data_get_a_delivered_mo
             return True
 
         wait_for(installed, 600, "every site to install the delivered model")
+
+        def refined() -> bool:
+            latest = hub.registry.latest()
+            return latest.manifest.get("refinement", {}).get("sites") == list(SITES)
+
+        wait_for(refined, 300, "a model refined from the three sites' statistics")
 
         def served() -> bool:  # the delivery gate decided on the sites' held-out evaluations of every head
             v = hub.registry.latest().version
@@ -89,7 +99,8 @@ def test_sites_with_300px_grayscale_images_and_no_public_data_get_a_delivered_mo
         assert last.model_version == latest.version
     decision = hub.ledger.gate_decision(latest.version)
     assert decision["state"] == "served", decision
-    assert set(decision["balanced_accuracy"]) == {"logits", "head_nearest_prototype"}
+    assert set(decision["balanced_accuracy"]) == set(latest.manifest["heads"])
+    assert {"logits", "head_refined_0", "head_nearest_prototype"} <= set(latest.manifest["heads"])
     best = max(v for v in decision["balanced_accuracy"].values() if v is not None)
     assert decision["balanced_accuracy"][decision["serve"]] == best > 0.5
     assert decision["samples"] == sum(r["samples"] for r in hub.ledger.evaluations(latest.version))

@@ -56,6 +56,13 @@ def test_sites_refine_the_head_and_a_forget_request_re_solves_it_exactly(
 
         wait_for(lambda: refined_version() is not None, 300, "a model refined from all three sites' statistics")
         v_refined = hub.registry.get(refined_version())
+        # The delivery gate weighs every head the refined model carries on the sites' held-out samples.
+        extra = [f"head_refined_{i}" for i in range(len(RoundPolicy().refine_lams))]
+        assert list(v_refined.manifest["heads"]) == ["logits", *extra, "head_nearest_prototype"]
+        wait_for(lambda: hub.ledger.gate_decision(v_refined.version) is not None, 300, "the gate's decision")
+        gate = hub.ledger.gate_decision(v_refined.version)
+        assert gate["state"] == "served" and set(gate["balanced_accuracy"]) == set(v_refined.manifest["heads"])
+        assert gate["balanced_accuracy"][gate["serve"]] == max(gate["balanced_accuracy"].values())
         rounds = [(r.trigger, r.state, r.model_version) for r in hub.ledger.rounds()]
         assert [r[0] for r in rounds] == ["min_sites", "refine"], rounds
         first = hub.registry.get(1).manifest

@@ -163,3 +163,10 @@ def test_a_leave_one_out_head_is_a_linear_head_over_the_same_random_features(
     want = feats @ w + b
     np.testing.assert_allclose(out[:, [2, 0]], want, rtol=1e-4, atol=1e-4)
     assert (out[:, 1] == -1e4).all()
+
+
+def test_the_embedding_name_is_the_refinement_s() -> None:
+    from hub.delivery import heads
+    from hub.refinement.features import EMBEDDING
+
+    assert heads.EMBEDDING == EMBEDDING  # a refined model over the embedding gets its nearest-prototype head
