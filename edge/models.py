@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from contract.payloads import ModelChunk, ModelManifest
-from runtime.files import write_dir_atomically
+from runtime.files import replace_file_atomically, write_dir_atomically
 
 log = logging.getLogger("fedge.edge")
 
@@ -99,8 +99,7 @@ class ModelStore:
         if stored.sha256 != manifest.sha256 or (stored.serve, stored.gate) == (manifest.serve, manifest.gate):
             return False
         check_heads(manifest, (d / "model.onnx").read_bytes())
-        write_dir_atomically(d, {"model.onnx": (d / "model.onnx").read_bytes(),
-                                 "manifest.json": manifest.model_dump_json(indent=1).encode()})  # fmt: skip
+        replace_file_atomically(d / "manifest.json", manifest.model_dump_json(indent=1).encode())
         return True
 
     def set_aside_unloadable(self) -> list[str]:

@@ -25,6 +25,19 @@ def fsync_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def replace_file_atomically(path: Path, data: bytes) -> None:
+    """Replace file `path` with `data`: a crash leaves the old file or the new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    fsync_write(tmp, data)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_dir_atomically(final: Path, files: dict[str, bytes]) -> None:
     """Create directory `final` holding `files` (name -> bytes); a crash leaves no partial `final`."""
     final = Path(final)
