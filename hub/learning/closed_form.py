@@ -399,41 +399,25 @@ def _take_site_images(graph: onnx.GraphProto, spec: InputSpec) -> None:
     graph.input[0].CopyFrom(site)
 
 
-def to_onnx(encoder_onnx: Path, feature_map: FeatureMap, head: ClosedFormHead) -> bytes:
-    """One ONNX model: `image` [N, 1, S, S] -> encoder -> random features -> head -> `logits` [N, C], float32.
-
-    The encoder graph is taken as it is and the feature map and head are appended as plain
-    MatMul/Add/Cos/Mul nodes, so sites run it exactly like today's model.
-    """
+def encoder_graph(encoder_onnx: Path, new_names: Iterable[str]) -> tuple[onnx.ModelProto, str]:
+    """The encoder's ONNX model, taking site images, and its embedding output's name; ValueError if it has more
+    than one output or already uses one of `new_names` (what the caller will add)."""
     model = onnx.load(str(encoder_onnx))
     graph = model.graph
     if len(graph.output) != 1:
         raise ValueError(f"{encoder_onnx}: expected an encoder with one output, got {len(graph.output)}")
     emb = graph.output[0].name
     _take_site_images(graph, InputSpec.for_bundle(Path(encoder_onnx).parent))
-    w, b = feature_map.params
-    inits = {
-        "fedge_rff_w": w,
-        "fedge_rff_b": b,
-        "fedge_rff_scale": np.array(feature_map.scale, np.float32),
-        "fedge_head_w": head.weights.astype(np.float32),
-        "fedge_head_b": head.bias.astype(np.float32),
-    }
     taken = {i.name for i in graph.initializer} | {n for node in graph.node for n in node.output}
-    clash = sorted(taken & (set(inits) | {"logits"}))
+    clash = sorted(taken & set(new_names))
     if clash:
         raise ValueError(f"{encoder_onnx}: names {clash} already exist in the encoder graph")
-    graph.initializer.extend(numpy_helper.from_array(v, name=k) for k, v in inits.items())
-    graph.node.extend(
-        [
-            helper.make_node("MatMul", [emb, "fedge_rff_w"], ["fedge_rff_proj"]),
-            helper.make_node("Add", ["fedge_rff_proj", "fedge_rff_b"], ["fedge_rff_phase"]),
-            helper.make_node("Cos", ["fedge_rff_phase"], ["fedge_rff_cos"]),
-            helper.make_node("Mul", ["fedge_rff_cos", "fedge_rff_scale"], ["fedge_features"]),
-            helper.make_node("MatMul", ["fedge_features", "fedge_head_w"], ["fedge_head_proj"]),
-            helper.make_node("Add", ["fedge_head_proj", "fedge_head_b"], ["logits"]),
-        ]
-    )
+    return model, emb
+
+
+def finish_head_model(model: onnx.ModelProto, head: ClosedFormHead) -> bytes:
+    """`logits` [N, C] as the model's only output, the head's metadata, checked and serialized."""
+    graph = model.graph
     batch = graph.input[0].type.tensor_type.shape.dim[0]
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch.dim_param or None, len(head.label_names)])
     del graph.output[:]
@@ -450,3 +434,33 @@ def to_onnx(encoder_onnx: Path, feature_map: FeatureMap, head: ClosedFormHead) -
     model.producer_name, model.producer_version = "fedge", "closed-form"
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def to_onnx(encoder_onnx: Path, feature_map: FeatureMap, head: ClosedFormHead) -> bytes:
+    """One ONNX model: `image` [N, 1, S, S] -> encoder -> random features -> head -> `logits` [N, C], float32.
+
+    The encoder graph is taken as it is and the feature map and head are appended as plain
+    MatMul/Add/Cos/Mul nodes, so sites run it exactly like today's model.
+    """
+    w, b = feature_map.params
+    inits = {
+        "fedge_rff_w": w,
+        "fedge_rff_b": b,
+        "fedge_rff_scale": np.array(feature_map.scale, np.float32),
+        "fedge_head_w": head.weights.astype(np.float32),
+        "fedge_head_b": head.bias.astype(np.float32),
+    }
+    model, emb = encoder_graph(encoder_onnx, [*inits, "logits"])
+    graph = model.graph
+    graph.initializer.extend(numpy_helper.from_array(v, name=k) for k, v in inits.items())
+    graph.node.extend(
+        [
+            helper.make_node("MatMul", [emb, "fedge_rff_w"], ["fedge_rff_proj"]),
+            helper.make_node("Add", ["fedge_rff_proj", "fedge_rff_b"], ["fedge_rff_phase"]),
+            helper.make_node("Cos", ["fedge_rff_phase"], ["fedge_rff_cos"]),
+            helper.make_node("Mul", ["fedge_rff_cos", "fedge_rff_scale"], ["fedge_features"]),
+            helper.make_node("MatMul", ["fedge_features", "fedge_head_w"], ["fedge_head_proj"]),
+            helper.make_node("Add", ["fedge_head_proj", "fedge_head_b"], ["logits"]),
+        ]
+    )
+    return finish_head_model(model, head)

@@ -33,8 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge.encoder import InputSpec
-from hub.learning.closed_form import ClosedFormHead, FeatureMap, _take_site_images, to_onnx
+from hub.learning.closed_form import ClosedFormHead, FeatureMap, encoder_graph, finish_head_model, to_onnx
 
 FEATURES = "fedge_features"  # the random features phi inside the closed-form model (hub/learning/closed_form.py)
 EMBEDDING = "fedge_embedding"  # the encoder's embedding in a refined model over the embedding
@@ -143,37 +142,16 @@ def with_feature_output(model_bytes: bytes, projection: Projection) -> bytes:
 
 def _linear_onnx(encoder_onnx: Path, head: ClosedFormHead) -> bytes:
     """encoder -> embedding (`fedge_embedding`) -> logits = e W + b: the closed-form composer without random features."""
-    model = onnx.load(str(encoder_onnx))
-    graph = model.graph
-    if len(graph.output) != 1:
-        raise ValueError(f"{encoder_onnx}: expected an encoder with one output, got {len(graph.output)}")
-    emb = graph.output[0].name
-    _take_site_images(graph, InputSpec.for_bundle(Path(encoder_onnx).parent))
     inits = {"fedge_head_w": head.weights.astype(np.float32), "fedge_head_b": head.bias.astype(np.float32)}
-    taken = {i.name for i in graph.initializer} | {n for node in graph.node for n in node.output}
-    clash = sorted(taken & (set(inits) | {"logits", EMBEDDING}))
-    if clash:
-        raise ValueError(f"{encoder_onnx}: names {clash} already exist in the encoder graph")
+    model, emb = encoder_graph(encoder_onnx, [*inits, "logits", EMBEDDING])
+    graph = model.graph
     graph.initializer.extend(numpy_helper.from_array(v, name=k) for k, v in inits.items())
     graph.node.extend([
         helper.make_node("Identity", [emb], [EMBEDDING]),
         helper.make_node("MatMul", [EMBEDDING, "fedge_head_w"], ["fedge_head_proj"]),
         helper.make_node("Add", ["fedge_head_proj", "fedge_head_b"], ["logits"]),
     ])  # fmt: skip
-    batch = graph.input[0].type.tensor_type.shape.dim[0]
-    del graph.output[:]
-    graph.output.append(
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch.dim_param or None, len(head.label_names)])
-    )
-    del model.metadata_props[:]
-    helper.set_model_props(model, {
-        "fedge.labels": json.dumps(list(head.label_names)),
-        "fedge.head": json.dumps({"variant": head.variant, "lam": head.lam, "digest": head.digest()}),
-        "fedge.trained_on": head.trained_on,
-    })  # fmt: skip
-    model.producer_name, model.producer_version = "fedge", "closed-form"
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return finish_head_model(model, head)
 
 
 def refined_onnx(
