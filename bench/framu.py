@@ -32,6 +32,7 @@ Writes bench/results/framu.json, framu.md, framu.png.
     python -m bench.framu --quick      # digits, seed 0, 12 rounds: about 2 min (synthesis of 10 contributions)
     python -m bench.framu --select     # choose FRAMU's hyper-parameters on validation data (about 25 min)
     python -m bench.framu --select --select-stage counterfactual   # the leave-one-out stage alone (about 5 min cached)
+    python -m bench.framu --select --select-stage decision         # threshold x patience at the defaults (about 2 min cached)
     --cache DIR keeps the synthesis and statistics between runs (then a full run takes about 2 min)
     --jobs N    N worker processes (seeds, and --select's candidates); the results do not depend on N
 
@@ -412,6 +413,13 @@ RL_GRID = {"exploration": (0.5, 1.0), "lr": (0.5, 2.0), "reward_aggregate": ("me
 # against it sits at sigmoid(bias) = 0.95).
 LOO_GRID = {"loo_gain": (-12.5, -25.0, -50.0, -100.0), "loo_below": (0.9,), "loo_max": (2, 6), "loo_window": (1,)}
 LOO_NONE = {"loo_gain": 0.0, "loo_below": 0.0, "loo_max": 0, "loo_window": 1}
+# The decision stage (`--select-stage decision`, session 6), at the committed defaults with learning on (mode
+# auto as deployed): the threshold and patience, which earlier stages set rather than searched. Rule, written
+# before the run: a candidate replaces the committed (0.5, 3) only with no more false positives and a mean
+# validation accuracy at least DECISION_MIN_GAIN higher (about one standard error of a mean over 9 seeds x 4
+# scenarios); otherwise the committed setting stays.
+DECISION_GRID = {"threshold": (0.5, 0.6, 0.7), "patience": (2, 3, 4)}
+DECISION_MIN_GAIN = 0.005
 
 
 def grid(axes: dict[str, tuple]) -> list[dict]:
@@ -434,6 +442,8 @@ def candidate(base: FramuConfig, g: dict) -> FramuConfig:
     if "exploration" in g:
         cfg = replace(cfg, exploration=g["exploration"], learning_rate=g["lr"], offset_learning_rate=g["lr"],
                       reward_aggregate=g["reward_aggregate"])  # fmt: skip
+    if "threshold" in g:
+        cfg = replace(cfg, threshold=g["threshold"], patience=g["patience"])
     return cfg
 
 
@@ -545,6 +555,24 @@ def select_counterfactual(w: World, st: Setting, cache: Path, log: Callable, job
     log(f"[select {w.name}] counterfactual: {len(cands)} candidates scored")
     rank = select_summary(rows, tuple(LOO_GRID))
     return {"counterfactual": rank, "chosen": {k: rank[0][k] for k in LOO_GRID}, "rows": rows}
+
+
+def select_decision(w: World, st: Setting, cache: Path, log: Callable, jobs: int = 1) -> dict:
+    """The decision stage alone (threshold x patience) on the validation seeds, at the committed defaults with
+    learning on; chosen by the rule written beside DECISION_GRID."""
+    global _POOL_CASES
+    base = FramuConfig(**{**st.framu, "prior": tuple(st.framu["prior"].items())})
+    _pmap(_warm_job, [(w, st, seed, cache, True) for seed in st.select_seeds], jobs)
+    _POOL_CASES = [validation_case(w, st, seed, cache, log) for seed in st.select_seeds]
+    cands = grid(DECISION_GRID)
+    rows = [r for rs in _pmap(_score_job, [(st, candidate(base, g), g, "decision") for g in cands], jobs) for r in rs]
+    log(f"[select {w.name}] decision: {len(cands)} candidates scored")
+    rank = select_summary(rows, tuple(DECISION_GRID))
+    current = next(r for r in rank if (r["threshold"], r["patience"]) == (base.threshold, base.patience))
+    better = [r for r in rank if r["false_positives"] <= current["false_positives"]
+              and r["val_acc"] >= current["val_acc"] + DECISION_MIN_GAIN]  # fmt: skip
+    chosen = better[0] if better else current
+    return {"decision": rank, "chosen": {k: chosen[k] for k in DECISION_GRID}, "rows": rows}
 
 
 def select_summary(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
@@ -780,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="digits, seed 0, 12 rounds")
     ap.add_argument("--select", action="store_true", help="score FRAMU settings on validation data and exit")
-    ap.add_argument("--select-stage", choices=("all", "counterfactual"), default="all",
+    ap.add_argument("--select-stage", choices=("all", "counterfactual", "decision"), default="all",
                     help="with --select: every stage (framu-select.json) or the counterfactual stage alone at the "
                     "committed defaults (framu-select-loo.json)")  # fmt: skip
     ap.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
@@ -819,6 +847,17 @@ def main(argv: list[str] | None = None) -> int:
                 for x in r["counterfactual"]:
                     print("  counterfactual:", x)
             print(f"wrote {args.out / 'framu-select-loo.json'}")
+            return 0
+        if args.select and args.select_stage == "decision":
+            sel = {name: select_decision(worlds[name], st, cache, log, args.jobs) for name in st.datasets}
+            meta = {"command": command, "wall_s": round(time.perf_counter() - start, 1), "machine": machine,
+                    "setting": asdict(st), "decision_grid": DECISION_GRID, "min_gain": DECISION_MIN_GAIN}  # fmt: skip
+            (args.out / "framu-select-decision.json").write_text(json.dumps({"meta": meta, **sel}, indent=1) + "\n")
+            for name, r in sel.items():
+                print(name, "chosen:", r["chosen"])
+                for x in r["decision"]:
+                    print("  decision:", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in x.items()})
+            print(f"wrote {args.out / 'framu-select-decision.json'}")
             return 0
         if args.select:
             sel = {name: select(worlds[name], st, cache, log, args.jobs) for name in st.datasets}
