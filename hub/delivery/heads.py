@@ -19,10 +19,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from contract.payloads import Contribution
+from hub.learning.closed_form import embedding_in
 
 NEAREST_PROTOTYPE = "head_nearest_prototype"
-EMBEDDING = "fedge_embedding"  # hub.refinement.features.EMBEDDING (not imported: it would import this package)
-RFF_INPUT = "fedge_rff_w"  # the closed-form model's random-feature matrix: its MatMul's other input is the embedding
 MASK = 1e4  # added to other labels' cosines before the max: far below any cosine in [-1, 1]
 
 
@@ -44,17 +43,6 @@ def roles_with(model_bytes: bytes, given: dict[str, str]) -> dict[str, str]:
     out = roles(model_bytes)
     out.update({k: v for k, v in given.items() if k in out})
     return out
-
-
-def embedding_tensor(graph: onnx.GraphProto) -> str | None:
-    """The encoder embedding inside a closed-form model: the tensor its random features are computed from, or
-    the one a refined model over the embedding names (hub/refinement/features.py)."""
-    for node in graph.node:
-        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] == RFF_INPUT:
-            return node.input[0]
-        if EMBEDDING in node.output:
-            return EMBEDDING
-    return None
 
 
 def prototype_matrix(contributions: list[Contribution], labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +67,7 @@ def add_nearest_prototype(
     what the head was built from, for the registry manifest."""
     model = onnx.load_from_string(model_bytes)
     graph = model.graph
-    emb = embedding_tensor(graph)
+    emb = embedding_in(graph)
     protos, labs = prototype_matrix(contributions, labels)
     if emb is None or not len(protos) or NEAREST_PROTOTYPE in {o.name for o in graph.output}:
         return model_bytes, {}

@@ -415,6 +415,21 @@ def encoder_graph(encoder_onnx: Path, new_names: Iterable[str]) -> tuple[onnx.Mo
     return model, emb
 
 
+EMBEDDING = "fedge_embedding"  # the encoder's embedding, named, in a refined model over the embedding (hub/refinement)
+
+
+def embedding_in(graph: onnx.GraphProto) -> str | None:
+    """The encoder embedding inside a model this module or the refinement composed: the tensor named
+    `fedge_embedding`, else the first input of the random features' MatMul; None if neither is there."""
+    for node in graph.node:
+        if EMBEDDING in node.output:
+            return EMBEDDING
+    for node in graph.node:
+        if "fedge_rff_proj" in node.output:
+            return node.input[0]
+    return None
+
+
 def finish_head_model(model: onnx.ModelProto, head: ClosedFormHead) -> bytes:
     """`logits` [N, C] as the model's only output, the head's metadata, checked and serialized."""
     graph = model.graph

@@ -33,11 +33,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from hub.learning.closed_form import ClosedFormHead, FeatureMap, encoder_graph, finish_head_model, to_onnx
+from hub.learning.closed_form import (
+    EMBEDDING,
+    ClosedFormHead,
+    FeatureMap,
+    embedding_in,
+    encoder_graph,
+    finish_head_model,
+    to_onnx,
+)
 
 FEATURES = "fedge_features"  # the random features phi inside the closed-form model (hub/learning/closed_form.py)
-EMBEDDING = "fedge_embedding"  # the encoder's embedding in a refined model over the embedding
-RFF_PROJ = "fedge_rff_proj"  # MatMul(embedding, W) in a closed-form model: its first input is the embedding
 OUTPUT = "fedge_refine_features"
 HEAD_PREFIX = "head_refined_"  # extra heads: head_refined_<i> for the i-th of rounds.refine_lams
 Kind = Literal["auto", "rff", "embedding"]
@@ -115,12 +121,12 @@ def _source(graph: onnx.GraphProto, kind: str) -> str:
         if FEATURES not in produced:
             raise ValueError(f"the model has no {FEATURES!r} tensor: only closed-form models can be refined")
         return FEATURES
-    if EMBEDDING in produced:
-        return EMBEDDING
-    for node in graph.node:
-        if RFF_PROJ in node.output:
-            return node.input[0]
-    raise ValueError("the model has no embedding the refinement can project: only closed-form models can be refined")
+    emb = embedding_in(graph)
+    if emb is None:
+        raise ValueError(
+            "the model has no embedding the refinement can project: only closed-form models can be refined"
+        )
+    return emb
 
 
 def with_feature_output(model_bytes: bytes, projection: Projection) -> bytes:

@@ -165,8 +165,16 @@ def test_a_leave_one_out_head_is_a_linear_head_over_the_same_random_features(
     assert (out[:, 1] == -1e4).all()
 
 
-def test_the_embedding_name_is_the_refinement_s() -> None:
-    from hub.delivery import heads
-    from hub.refinement.features import EMBEDDING
+def test_a_refined_model_over_the_embedding_gets_its_nearest_prototype_head(tiny_bundle: Path) -> None:
+    from hub.refinement.features import _linear_onnx
 
-    assert heads.EMBEDDING == EMBEDDING  # a refined model over the embedding gets its nearest-prototype head
+    rng = np.random.default_rng(5)
+    head = ClosedFormHead(rng.standard_normal((8, 3)), rng.standard_normal(3), tuple(LABELS), "ridge", 1e-4, "x")
+    linear = _linear_onnx(tiny_bundle / "encoder.onnx", head)  # no random features: the embedding is named
+    x = rng.random((6, 1, 8, 8), dtype=np.float32)
+    e = embed(tiny_bundle, x)
+    model, info = add_nearest_prototype(linear, [contribution(1, {lab: e[i : i + 1] for i, lab in enumerate(LABELS)})],
+                                        LABELS)  # fmt: skip
+    assert info["prototypes"] == 3 and NEAREST_PROTOTYPE in roles(model)
+    out = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run([NEAREST_PROTOTYPE], {"image": x})[0]
+    assert out[:3].argmax(1).tolist() == [0, 1, 2]  # each of the first three images is its own label's prototype
