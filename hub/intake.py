@@ -51,7 +51,7 @@ def _classify(err: ValidationError, ref: str | None) -> Rejected:
     return Rejected("invalid", f"{where}: {msg}", ref)
 
 
-def _parse(payload: bytes, topic_site: str, model: type[M], id_field: str, max_bytes: int) -> M:
+def parse_site_message(payload: bytes, topic_site: str, model: type[M], id_field: str, max_bytes: int) -> M:
     """Decode, check the schema version, validate against `model`, and check the body's site against the topic's."""
     body = _decode(payload, max_bytes, id_field)
     ref = body.get(id_field) if isinstance(body.get(id_field), str) else None
@@ -76,7 +76,7 @@ def parse_contribution(
     The hub enforces its own `min_group_size` whatever the upload declares: a prototype of fewer
     samples is close to a raw embedding, which an embedding-conditioned generator can invert.
     """
-    c = _parse(payload, topic_site, Contribution, "contribution_id", max_bytes)
+    c = parse_site_message(payload, topic_site, Contribution, "contribution_id", max_bytes)
     ref = c.contribution_id
     smallest = min((n for lp in c.labels for n in lp.counts), default=None)
     if c.min_group_size < min_group_size or (smallest is not None and smallest < min_group_size):
@@ -102,7 +102,7 @@ def parse_evaluation(
     payload: bytes, topic_site: str, model_versions: set[int] | None = None, max_bytes: int = 16 * 1024
 ) -> Evaluation:
     """Validate an `eval` payload from `topic_site`; with `model_versions`, the version must be one of them."""
-    e = _parse(payload, topic_site, Evaluation, "eval_id", max_bytes)
+    e = parse_site_message(payload, topic_site, Evaluation, "eval_id", max_bytes)
     if model_versions is not None and e.model_version not in model_versions:
         newest = max(model_versions, default=None)
         raise Rejected(
@@ -113,4 +113,4 @@ def parse_evaluation(
 
 def parse_site_status(payload: bytes, topic_site: str, max_bytes: int = 16 * 1024) -> SiteStatus:
     """Validate a site's (retained) `status` payload from `topic_site`."""
-    return _parse(payload, topic_site, SiteStatus, "message_id", max_bytes)
+    return parse_site_message(payload, topic_site, SiteStatus, "message_id", max_bytes)

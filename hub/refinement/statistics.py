@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from contract.payloads import RefinementStatistics
-from hub.intake import _parse
+from hub.intake import parse_site_message
 from hub.learning.closed_form import ContributionStats
 from runtime.outcomes import Rejected
 
@@ -20,7 +20,7 @@ def parse_statistics(
     payload: bytes, topic_site: str, feature_key: str, dim: int, min_group_size: int, max_bytes: int
 ) -> RefinementStatistics:
     """Validate a `refine` payload from `topic_site` against the hub's current feature part; raises Rejected."""
-    st = _parse(payload, topic_site, RefinementStatistics, "statistics_id", max_bytes)
+    st = parse_site_message(payload, topic_site, RefinementStatistics, "statistics_id", max_bytes)
     ref = st.statistics_id
     if st.feature_key != feature_key:
         raise Rejected("stale", f"feature_key {st.feature_key} is not the one this hub requests ({feature_key})", ref)
