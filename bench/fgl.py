@@ -104,6 +104,7 @@ UNLEARNING = {
     "fedge-closed-form": "exact: drop the statistics, re-solve (certified)",
     "nearest-prototype": "exact: drop the prototypes",
     "fedge+fedavg": "NOT exactly unlearnable (FedAvg rounds on real data)",
+    "fedge+refine": "exact: drop the site's statistics, re-solve (certified)",
     "fedavg": "not unlearnable (retrain from scratch)",
     "fedavg-linear-probe": "not unlearnable (retrain from scratch)",
 }
@@ -155,6 +156,8 @@ class Fedge:
     model_bytes: dict[str, int]
     synthesis_s: float
     synthetic: int
+    fmap: FeatureMap | None = None  # the closed-form model's random features (what the refinement round projects)
+    closed_form_onnx: bytes = b""
 
 
 def fedge_round(
@@ -177,7 +180,8 @@ def fedge_round(
     head_names = tuple(json.loads(ort.InferenceSession(head_onnx).get_modelmeta().custom_metadata_map["fedge.labels"]))
     acc["closed-form"] = float((bu.head_probs(head_onnx, head_names, w, x).argmax(1) == y).mean())
     sizes = {"cnn": onnx_size(result.model), "closed-form": len(head_onnx)}
-    return Fedge(result.model, result.label_names, acc, sizes, result.synthesis_s, int(len(result.synthetic.labels)))
+    return Fedge(result.model, result.label_names, acc, sizes, result.synthesis_s, int(len(result.synthetic.labels)),
+                 fmap, head_onnx)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- select
@@ -338,18 +342,55 @@ def run_cell(
             f"{name} fedge + FedAvg rounds: "
             + ", ".join(f"R={R} {after.curve[R - 1][1]:.4f}" for R in grid.after_rounds)
         )
-    rows += refinement_rows(w, grid, cell, contribs)
+        rows += refinement_rows(w, grid, cell, used, contribs, f, (*tag, k), up, encoder_bytes)
     return rows
 
 
-def refinement_rows(w: bu.World, grid: Grid, cell: dict, contribs: list) -> list[dict]:
-    """Hook for "fedge + closed-form refinement round" (issue 14 item 3): no rows until hub/ offers that round.
+def refinement_rows(
+    w: bu.World, grid: Grid, cell: dict, used: list, contribs: list, f: Fedge, tag: tuple, up: float, encoder_bytes: int
+) -> list[dict]:
+    """fedge + the closed-form refinement round (rounds.refine at the hub's defaults; docs/unlearning.md).
 
-    When it lands, this runs it on the same sites (`contribs` are their uploads) and returns its rows
-    (method "fedge+refine", with the refinement upload in bytes up); the acceptance check then takes
-    it among the exactly unlearnable configurations.
+    Each non-empty site runs the delivered closed-form model's projected features over its private
+    samples and sends additive statistics, made by the edge's own code (edge.refine); the hub sums them
+    and solves the `logits` head (rounds.refine_lam) with its own (hub.refinement). Scored: that head
+    (the bench has no site held-out parts for the delivery gate's choice among the extra lambdas).
+    Bytes up: the prototypes plus the statistics; down: the encoder, the first model with its feature
+    output, the refined model. Exactly unlearnable: forgetting drops a site's statistics.
     """
-    return []
+    from contract.payloads import RefinementRequest
+    from edge.refine import make_statistics, statistics
+    from hub.config import RoundPolicy
+    from hub.learning.closed_form import solve, sum_stats
+    from hub.refinement.features import Projection, refined_onnx, with_feature_output
+    from hub.refinement.statistics import to_stats
+
+    if f.fmap is None:
+        return []
+    t = time.perf_counter()
+    rp, names = RoundPolicy(), np.array(w.data.label_names)
+    proj = Projection(f.fmap, rp.refine_dim, seed_of(*tag, "refine"), rp.refine_features)
+    request = RefinementRequest.model_construct(feature_key=proj.key(w.fm.encoder_id), model_version=1)
+    stats, ups = [], []
+    for p, c in zip(used, contribs, strict=True):  # one upload per non-empty site, in order
+        out = statistics(proj.features(w.emb[p]), list(names[w.data.labels[p]]), grid.min_group_size)
+        if out is None:
+            ups.append(0)
+            continue
+        payload = make_statistics(c.site_id, request, c.contribution_id, grid.min_group_size, *out)
+        ups.append(len(payload.model_dump_json().encode()))
+        stats.append(to_stats(payload))
+    if not stats:
+        return []
+    head = solve(sum_stats(stats), variant=bu.Setting().variant, lam=rp.refine_lam)  # type: ignore[arg-type]
+    idx = np.array([w.data.label_names.index(n) for n in head.label_names])
+    test = w.split.test
+    acc = float((idx[head.predict(proj.features(w.emb[test]))] == w.data.labels[test]).mean())
+    first = len(with_feature_output(f.closed_form_onnx, proj))
+    refined = len(refined_onnx(bundled.path(w.name) / "encoder.onnx", proj, head))
+    return [row(cell, "fedge+refine", tag[-1], 2, acc, up + float(np.mean(ups)), encoder_bytes + first + refined,
+                time.perf_counter() - t, unlearning=UNLEARNING["fedge+refine"], refine_dim=rp.refine_dim,
+                refine_features=proj.kind, refine_lam=rp.refine_lam)]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- summary

@@ -115,3 +115,10 @@ def test_a_fedge_round_repeats_exactly(world, tmp_path) -> None:
     assert runs[0] is not None and runs[1] is not None
     assert runs[0].acc == runs[1].acc and runs[0].model_bytes == runs[1].model_bytes
     assert runs[0].synthetic == runs[1].synthetic > 0
+    # The refinement round on the same site: the edge's statistics, the hub's solve, the same row twice.
+    cell = {"dataset": "digits", "alpha": 0.1, "sites": 1, "seed": 0, "empty_sites": 0}
+    refined = [fgl.refinement_rows(world, grid, cell, parts, contribs, r, (0, "t", 1), 100.0, 1000) for r in runs]
+    assert len(refined[0]) == 1 and refined[0][0]["method"] == "fedge+refine" and refined[0][0]["accuracy"] is not None
+    drop = lambda r: {k: v for k, v in r.items() if k != "_timings"}  # noqa: E731
+    assert drop(refined[0][0]) == drop(refined[1][0])
+    assert refined[0][0]["bytes_up_per_site"] > 100 and refined[0][0]["unlearning"].startswith("exact")
