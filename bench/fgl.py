@@ -594,7 +594,7 @@ def markdown(summary: list[dict], checks: list[dict], choices: dict[str, dict], 
             lines.append(f"| {label} | {s['k'] or ''} | {s['rounds']} | {acc} | {fmt_bytes(s['bytes_up_per_site'])} | "
                          f"{fmt_bytes(s['bytes_down_per_site'])} | {s.get('unlearning', '')} | {s.get('wall_s', '')} |")  # fmt: skip
         if not any(s["method"] == "fedge+refine" for s in grp):
-            lines.append("| fedge+refine | | 2 | not run: hub/ offers no closed-form refinement round yet | | | | |")
+            lines.append("| fedge+refine | | 2 | not in this run (results made before the row existed) | | | | |")
         lines.append("")
     return "\n".join(lines)
 
