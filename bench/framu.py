@@ -507,6 +507,15 @@ def _case_job(job: tuple[World, Setting, FramuConfig, int, Path]) -> list[dict]:
     return run_case(case, st, cfg, w.name)
 
 
+def validation_pool(w: World, st: Setting, cache: Path, log: Callable, jobs: int) -> FramuConfig:
+    """Build the validation seeds' cases (synthesis cached, in `jobs` processes) for the workers that score
+    candidates; the committed defaults (`Setting.framu`) that every selection stage starts from."""
+    global _POOL_CASES
+    _pmap(_warm_job, [(w, st, seed, cache, True) for seed in st.select_seeds], jobs)
+    _POOL_CASES = [validation_case(w, st, seed, cache, log) for seed in st.select_seeds]
+    return FramuConfig(**{**st.framu, "prior": tuple(st.framu["prior"].items())})
+
+
 def select(w: World, st: Setting, cache: Path, log: Callable, jobs: int = 1) -> dict:
     """Two stages on validation data, each ranked by `select_summary`.
 
@@ -516,10 +525,7 @@ def select(w: World, st: Setting, cache: Path, log: Callable, jobs: int = 1) -> 
     then the exclusion cap (1/3 against 1/2 of the sites) at the final candidate. `jobs` processes
     share the work; the result does not depend on it.
     """
-    global _POOL_CASES
-    base = FramuConfig(**{**st.framu, "prior": tuple(st.framu["prior"].items())})
-    _pmap(_warm_job, [(w, st, seed, cache, True) for seed in st.select_seeds], jobs)
-    _POOL_CASES = [validation_case(w, st, seed, cache, log) for seed in st.select_seeds]
+    base = validation_pool(w, st, cache, log, jobs)
 
     def run(jobs_: list[tuple[FramuConfig, dict, str]]) -> list[dict]:
         return [r for rows in _pmap(_score_job, [(st, c, g, stage) for c, g, stage in jobs_], jobs) for r in rows]
@@ -545,10 +551,7 @@ def select_counterfactual(w: World, st: Setting, cache: Path, log: Callable, job
     Learning off, as in stage 1 (what the features give before any reward); ranked by
     `select_summary`, ties going to fewer leave-one-out heads (bytes) and the weaker coefficient.
     """
-    global _POOL_CASES
-    base = FramuConfig(**{**st.framu, "prior": tuple(st.framu["prior"].items())})
-    _pmap(_warm_job, [(w, st, seed, cache, True) for seed in st.select_seeds], jobs)
-    _POOL_CASES = [validation_case(w, st, seed, cache, log) for seed in st.select_seeds]
+    base = validation_pool(w, st, cache, log, jobs)
     cands = [LOO_NONE, *grid(LOO_GRID)]
     jobs_ = [(st, replace(candidate(base, g), learn=False), g, "counterfactual") for g in cands]
     rows = [r for rs in _pmap(_score_job, jobs_, jobs) for r in rs]
@@ -560,10 +563,7 @@ def select_counterfactual(w: World, st: Setting, cache: Path, log: Callable, job
 def select_decision(w: World, st: Setting, cache: Path, log: Callable, jobs: int = 1) -> dict:
     """The decision stage alone (threshold x patience) on the validation seeds, at the committed defaults with
     learning on; chosen by the rule written beside DECISION_GRID."""
-    global _POOL_CASES
-    base = FramuConfig(**{**st.framu, "prior": tuple(st.framu["prior"].items())})
-    _pmap(_warm_job, [(w, st, seed, cache, True) for seed in st.select_seeds], jobs)
-    _POOL_CASES = [validation_case(w, st, seed, cache, log) for seed in st.select_seeds]
+    base = validation_pool(w, st, cache, log, jobs)
     cands = grid(DECISION_GRID)
     rows = [r for rs in _pmap(_score_job, [(st, candidate(base, g), g, "decision") for g in cands], jobs) for r in rs]
     log(f"[select {w.name}] decision: {len(cands)} candidates scored")
@@ -837,39 +837,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or Path(tmp)
         worlds = {name: load_world(name) for name in st.datasets}
-        if args.select and args.select_stage == "counterfactual":
-            sel = {name: select_counterfactual(worlds[name], st, cache, log, args.jobs) for name in st.datasets}
-            meta = {"command": command, "wall_s": round(time.perf_counter() - start, 1), "machine": machine,
-                    "setting": asdict(st), "loo_grid": LOO_GRID, "loo_none": LOO_NONE}  # fmt: skip
-            (args.out / "framu-select-loo.json").write_text(json.dumps({"meta": meta, **sel}, indent=1) + "\n")
-            for name, r in sel.items():
-                print(name, "chosen:", r["chosen"])
-                for x in r["counterfactual"]:
-                    print("  counterfactual:", x)
-            print(f"wrote {args.out / 'framu-select-loo.json'}")
-            return 0
-        if args.select and args.select_stage == "decision":
-            sel = {name: select_decision(worlds[name], st, cache, log, args.jobs) for name in st.datasets}
-            meta = {"command": command, "wall_s": round(time.perf_counter() - start, 1), "machine": machine,
-                    "setting": asdict(st), "decision_grid": DECISION_GRID, "min_gain": DECISION_MIN_GAIN}  # fmt: skip
-            (args.out / "framu-select-decision.json").write_text(json.dumps({"meta": meta, **sel}, indent=1) + "\n")
-            for name, r in sel.items():
-                print(name, "chosen:", r["chosen"])
-                for x in r["decision"]:
-                    print("  decision:", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in x.items()})
-            print(f"wrote {args.out / 'framu-select-decision.json'}")
-            return 0
         if args.select:
-            sel = {name: select(worlds[name], st, cache, log, args.jobs) for name in st.datasets}
+            # stage -> (selection, output file, what the JSON records of its grid, result keys printed, rows each)
+            stages = {
+                "counterfactual": (select_counterfactual, "framu-select-loo.json",
+                                   {"loo_grid": LOO_GRID, "loo_none": LOO_NONE}, ("counterfactual",), None),
+                "decision": (select_decision, "framu-select-decision.json",
+                             {"decision_grid": DECISION_GRID, "min_gain": DECISION_MIN_GAIN}, ("decision",), None),
+                "all": (select, "framu-select.json", {"feature_grid": FEATURE_GRID, "rl_grid": RL_GRID},
+                        ("features", "reinforcement", "cap"), 3),
+            }  # fmt: skip
+            fn, filename, grids, keys, shown = stages[args.select_stage]
+            sel = {name: fn(worlds[name], st, cache, log, args.jobs) for name in st.datasets}
             meta = {"command": command, "wall_s": round(time.perf_counter() - start, 1), "machine": machine,
-                    "setting": asdict(st), "feature_grid": FEATURE_GRID, "rl_grid": RL_GRID}  # fmt: skip
-            (args.out / "framu-select.json").write_text(json.dumps({"meta": meta, **sel}, indent=1) + "\n")
+                    "setting": asdict(st), **grids}  # fmt: skip
+            (args.out / filename).write_text(json.dumps({"meta": meta, **sel}, indent=1) + "\n")
             for name, r in sel.items():
                 print(name, "chosen:", r["chosen"])
-                for stage in ("features", "reinforcement", "cap"):
-                    for x in r[stage][:3]:
-                        print(f"  {stage}:", x)
-            print(f"wrote {args.out / 'framu-select.json'}")
+                for key in keys:
+                    for x in r[key][:shown]:
+                        print(f"  {key}:", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in x.items()})
+            print(f"wrote {args.out / filename}")
             return 0
         jobs = [(worlds[name], st, cfg, seed, cache) for seed in st.seeds for name in st.datasets]
         for seed_rows in _pmap(_case_job, jobs, args.jobs):

@@ -27,10 +27,11 @@ from contract.payloads import (
     new_id,
     now,
 )
+from contract.scores import recalls
 from contract.topics import Topics
 from hub.config import HubSettings
 from hub.delivery import clear_messages, model_messages
-from hub.delivery.gate import Decision, choose, pooled, recalls
+from hub.delivery.gate import Decision, choose, pooled
 from hub.delivery.heads import add_linear_head, add_nearest_prototype, roles_with
 from hub.intake import Rejected, parse_contribution, parse_evaluation, parse_site_status
 from hub.learning.exact import ExactModel

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from contract.scores import balanced_accuracy, recalls
+from contract.scores import balanced_accuracy
 
-__all__ = ["Decision", "balanced_accuracy", "choose", "pooled", "recalls"]
+__all__ = ["Decision", "choose", "pooled"]
 
 DEFAULT_CHANCE_MARGIN = 0.05
 
