@@ -495,6 +495,9 @@ MAX_REFINE_DIM = 512
 FeatureKey = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
 
 
+RefinementPart = Literal["train", "held_out"]
+
+
 class RefinementRequest(BaseModel):
     """Retained on `hub/refine`: run a delivered model's feature output on your labelled data, send statistics."""
 
@@ -513,6 +516,12 @@ class RefinementRequest(BaseModel):
     )
     dim: int = Field(ge=1, le=MAX_REFINE_DIM, description="Width of that output.")
     min_group_size: int = Field(ge=1, le=MAX_COUNT, description="Labels with fewer training samples are left out.")
+    part: RefinementPart = Field(
+        default="train",
+        description="Which of the site's labelled samples to sum: `train` (what its prototypes came from), or "
+        "`held_out` (what it evaluates models on), asked for once the delivery gate has chosen a refined head, so "
+        "that the hub solves that head again from every sample (hub/refinement/engine.py).",
+    )
     signature: Signature = Field(description="The hub's signature, by the key that signs model manifests.")
 
 
@@ -531,6 +540,7 @@ class RefinementStatistics(BaseModel):
         description="The site's contribution these statistics go with; they leave the model when it is superseded."
     )
     min_group_size: int = Field(ge=1, le=MAX_COUNT, description="Fewest training samples a label needed to be counted.")
+    part: RefinementPart = Field(default="train", description="The request's part: which samples were summed.")
     labels: list[Label] = Field(min_length=1, max_length=MAX_LABELS, description="Labels summed, in row order.")
     counts: list[Annotated[int, Field(ge=1, le=MAX_COUNT)]] = Field(description="Samples per label.")
     sums: ArrayPayload = Field(description="Per-label sums of the features, shape [L, dim].")

@@ -59,7 +59,8 @@ def make_statistics(
     upper = gram[np.triu_indices(gram.shape[0])]
     body = {
         "feature_key": request.feature_key, "model_version": request.model_version, "site_id": site_id,
-        "contribution_id": contribution_id, "min_group_size": min_group_size, "labels": names, "counts": counts,
+        "contribution_id": contribution_id, "min_group_size": min_group_size, "part": request.part,
+        "labels": names, "counts": counts,
         "sums": ArrayPayload.from_numpy(sums, "float32").model_dump(),
         "gram": ArrayPayload.from_numpy(upper, "float32").model_dump(),
     }  # fmt: skip

@@ -415,7 +415,8 @@ class EdgeService:
 
     def maybe_refine(self) -> bool:
         """Queue refinement statistics when the hub asks for them, the model it names is the one installed, and the
-        site's contribution changed since it last sent some; True if queued."""
+        site's contribution changed since it last sent statistics of the part asked for (its training samples, or
+        its held-out ones once the delivery gate has chosen a refined head); True if queued."""
         kept = self.store.get("refine_request")
         current = self.models.current()
         contribution = self.store.get("contribution_id")
@@ -425,24 +426,27 @@ class EdgeService:
         path, manifest = current
         if (manifest.version, manifest.sha256) != (request.model_version, request.model_sha256):
             return False  # another model is installed (or on its way): the request for it follows
-        done_key = f"{request.feature_key}:{contribution}"
-        if self.store.get("refined_for") == done_key:
+        done_key = f"{request.feature_key}:{contribution}" + ("" if request.part == "train" else f":{request.part}")
+        done_as = "refined_for" if request.part == "train" else f"refined_{request.part}_for"
+        if self.store.get(done_as) == done_key:
             return False
         min_group = max(request.min_group_size, self.settings.min_group_size)
-        samples, images = self._read(self.store.samples(holdout=False), manifest.input_shape[-1])
+        held_out = request.part == "held_out"
+        samples, images = self._read(self.store.samples(holdout=held_out), manifest.input_shape[-1])
         t = time.perf_counter()
         feats = projected_features(path, manifest.input_name, request.output_name, images, self.settings.threads)
         stats = statistics(feats, [x.label for x in samples], min_group) if len(samples) else None
         if stats is None:
-            self.store.set("refined_for", done_key)  # nothing to count: no label has enough samples
+            self.store.set(done_as, done_key)  # nothing to count: no label has enough samples
             return False
         st = make_statistics(self.settings.site_id, request, contribution, min_group, *stats)
         payload = st.model_dump_json().encode()
         self.store.enqueue(st.statistics_id, "refine", self.topics.site(self.settings.site_id, "refine"), payload,
-                           meta={"refined_for": done_key})  # fmt: skip
+                           meta={done_as: done_key})  # fmt: skip
         self._outbox_wake.set()
-        log.info("refinement statistics %s queued: %d samples, %d labels, dim %d, %d bytes (%.2f s)",
-                 st.statistics_id[:8], st.n_samples, len(st.labels), st.dim, len(payload), time.perf_counter() - t)  # fmt: skip
+        log.info("refinement statistics %s (%s samples) queued: %d samples, %d labels, dim %d, %d bytes (%.2f s)",
+                 st.statistics_id[:8], request.part, st.n_samples, len(st.labels), st.dim, len(payload),
+                 time.perf_counter() - t)  # fmt: skip
         return True
 
     def _reject_model(self, reason: str, manifest: ModelManifest) -> None:

@@ -58,6 +58,12 @@ class RoundPolicy(BaseModel):
         description="One more head per lambda, ONNX outputs head_refined_<i>, solved from the same statistics; "
         "the delivery gate serves whichever head has the best pooled held-out balanced accuracy.",
     )
+    refine_refit: bool = Field(
+        default=True,
+        description="Once the delivery gate serves a refined head, ask the sites for statistics of their held-out "
+        "samples too and solve that head's lambda again from every sample (docs/delivery-gate.md): the held-out "
+        "fifth chose the lambda and then trains the model. One more upload of the same size per site.",
+    )
 
     @model_validator(mode="after")
     def _refine_lams_in_range(self) -> RoundPolicy:

@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS refinements (
     samples INTEGER NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('active', 'superseded')),
     superseded_by TEXT,
-    purged_at TEXT
+    purged_at TEXT,
+    part TEXT NOT NULL DEFAULT 'train'
 );
 CREATE INDEX IF NOT EXISTS refinements_site ON refinements (site_id, state);
 CREATE TABLE IF NOT EXISTS site_keys (
@@ -192,6 +193,9 @@ class Ledger:
             self._db.execute("ALTER TABLE model_versions ADD COLUMN weights TEXT")  # written before FRAMU
         if "refinements" not in {r[1] for r in self._db.execute("PRAGMA table_info(rounds)")}:
             self._db.execute("ALTER TABLE rounds ADD COLUMN refinements TEXT")  # written before refinement rounds
+        if "part" not in {r[1] for r in self._db.execute("PRAGMA table_info(refinements)")}:
+            # written before the refit: every statistics record summed a site's training samples
+            self._db.execute("ALTER TABLE refinements ADD COLUMN part TEXT NOT NULL DEFAULT 'train'")
         if "heads" not in {r[1] for r in self._db.execute("PRAGMA table_info(evaluations)")}:
             # written before the delivery gate: evaluations carried one accuracy
             self._db.execute("ALTER TABLE evaluations ADD COLUMN balanced_accuracy REAL")
@@ -493,7 +497,7 @@ class Ledger:
             ).fetchone()
         return set(json.loads(row[0])) if row and row[0] else set()
 
-    # --- refinement statistics (hub/refinement): one active record per site, tied to its contribution ---
+    # --- refinement statistics (hub/refinement): one active record per site and part, tied to its contribution ---
     _ACTIVE_BASIS = (
         "contribution_id IN (SELECT contribution_id FROM contributions WHERE state = 'active') AND contribution_id "
         "NOT IN (SELECT contribution_id FROM automatic_unlearning)"
@@ -527,30 +531,46 @@ class Ledger:
                     ref,
                 )
             replaced = [r[0] for r in self._db.execute(
-                "SELECT statistics_id FROM refinements WHERE site_id = ? AND state = 'active'", (st.site_id,))]  # fmt: skip
+                "SELECT statistics_id FROM refinements WHERE site_id = ? AND part = ? AND state = 'active'",
+                (st.site_id, st.part))]  # fmt: skip
             self._db.execute(
-                "INSERT INTO refinements VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', NULL, NULL)",
+                "INSERT INTO refinements VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', NULL, NULL, ?)",
                 (ref, st.site_id, st.contribution_id, st.feature_key, st.created_at.isoformat(), _now(), sha, payload,
-                 st.n_samples),
+                 st.n_samples, st.part),
             )  # fmt: skip
             self._db.executemany(
                 "UPDATE refinements SET state = 'superseded', superseded_by = ? WHERE statistics_id = ?",
                 [(ref, old) for old in replaced],
             )
-            self._decide("refinement", ref, {"site": st.site_id, "contribution": st.contribution_id,
+            self._decide("refinement", ref, {"site": st.site_id, "contribution": st.contribution_id, "part": st.part,
                                              "supersedes": replaced})  # fmt: skip
         return True
 
-    def active_refinements(self, feature_key: str) -> list[tuple[str, str, bytes]]:
-        """(statistics id, site, payload) of every site's active statistics for `feature_key` whose contribution is
-        still active (a superseded or unlearned contribution takes its statistics with it), in id order."""
+    def active_refinements(self, feature_key: str, part: str = "train") -> list[tuple[str, str, bytes]]:
+        """(statistics id, site, payload) of every site's active statistics of `part` for `feature_key` whose
+        contribution is still active (a superseded or unlearned contribution takes its statistics with it), in id
+        order."""
         with self._lock:
             cur = self._db.execute(
                 f"SELECT statistics_id, site_id, payload FROM refinements WHERE state = 'active' AND feature_key = ? "  # noqa: S608
-                f"AND {self._ACTIVE_BASIS} ORDER BY statistics_id",
-                (feature_key,),
+                f"AND part = ? AND {self._ACTIVE_BASIS} ORDER BY statistics_id",
+                (feature_key, part),
             )
             return [(r[0], r[1], bytes(r[2])) for r in cur]
+
+    def refit_choice(self) -> dict | None:
+        """The newest delivery-gate decision that chose a refined head to be solved again from every sample (its
+        `refit`: lambda, head, version and the training statistics it was chosen on), or None."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT detail FROM decisions WHERE kind = 'delivery_gate' AND detail LIKE '%\"refit\"%' "
+                "ORDER BY id DESC LIMIT 1"
+            ).fetchall()
+        for (detail,) in rows:
+            refit = json.loads(detail).get("refit")
+            if refit:
+                return refit
+        return None
 
     def refinement_payloads(self, statistics_ids: list[str]) -> dict[str, bytes]:
         """Stored payloads of refinement statistics (purged ones are empty)."""

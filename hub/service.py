@@ -136,6 +136,7 @@ class HubService:
                 self.ledger, Projection(self.trainer.feature_map, r.refine_dim, syn.seed, r.refine_features),
                 self.trainer.encoder_onnx, self.foundation.encoder_id, self.signing_key, s.min_group_size,
                 s.max_payload_bytes, r.refine_wait_s, s.closed_form.variant, r.refine_lam, tuple(r.refine_lams),
+                r.refine_refit,
             )  # fmt: skip
         self.unlearning = Unlearning(
             self.ledger, self.signing_key, s.hub_id, self.trainer, s.site_keys_dir,
@@ -629,7 +630,8 @@ class HubService:
             "contributions": refined.trained_on, "statistics": refined.stats_digests,
             "training_digest": refined.training_digest, "refinement": {
                 **self._refinement_meta(), "sites": list(refined.sites), "samples": refined.synthetic_samples,
-                "heads": refined.head_outputs()},
+                "lam": refined.head.lam, "heads": refined.head_outputs(), "stage": refined.stage,
+                **({"refit": refined.refit} if refined.refit else {})},
             "timings_s": {k: round(v, 4) for k, v in refined.timings.items()},
             "fedavg_reference_parameters": cnn_parameters(size, len(refined.label_names)),
         }  # fmt: skip
@@ -683,17 +685,29 @@ class HubService:
         if self.ledger.gate_decision(v) is not None:
             self._gate_decided = v
             return None
+        version = self.registry.get(v)
+        refinement = version.manifest.get("refinement") or {}
         rows = self.ledger.evaluations(v)
         waited = t - self._gate_since.setdefault(v, t)
-        if not self.ledger.active_sites() <= {r["site_id"] for r in rows} and waited < g.wait_s:
+        refit = refinement.get("refit") if refinement.get("stage") == "refit" else None
+        if refit is None and not self.ledger.active_sites() <= {r["site_id"] for r in rows} and waited < g.wait_s:
             return None
-        version = self.registry.get(v)
-        # FRAMU's leave-one-out heads are probes, never served: the candidate and the baselines compete.
-        roles = version.manifest.get("heads") or {"logits": "candidate"}
-        heads = [h for h, role in roles.items() if not role.startswith("without:")]
-        conf = pooled([r["heads"] or {} for r in rows], heads, len(version.manifest["labels"]))
-        decision = choose(conf, heads, g.chance_margin, withdraw_previous=bool(self.ledger.certificates_for(v)))
+        if refit is not None:  # the held-out samples chose it and are now in its training set: not scored again
+            decision = Decision("logits", "served", (
+                f"refit of v{refit['version']}'s {refit['head']} (lambda {refit['lam']:g}), which the gate served on "
+                f"held-out samples ({refit.get('balanced_accuracy') or 0:.3f} balanced accuracy), solved again from the training "
+                "and held-out statistics; its own held-out evaluations would be in-sample, so it is not scored again"),
+                {}, 0)  # fmt: skip
+        else:
+            # FRAMU's leave-one-out heads are probes, never served: the candidate and the baselines compete.
+            roles = version.manifest.get("heads") or {"logits": "candidate"}
+            heads = [h for h, role in roles.items() if not role.startswith("without:")]
+            conf = pooled([r["heads"] or {} for r in rows], heads, len(version.manifest["labels"]))
+            decision = choose(conf, heads, g.chance_margin, withdraw_previous=bool(self.ledger.certificates_for(v)))
         record = {**decision.as_dict(), "decided_at": now().isoformat()}
+        choice = self._refit_choice(version, decision)
+        if choice is not None:
+            record["refit"] = choice
         gate = {k: val for k, val in record.items() if k in GateDecision.model_fields}
         _, body, _ = model_messages(version, self.topics, self.foundation.encoder_id, self.signing_key,
                                     self.settings.chunk_bytes, serve=decision.serve, gate=gate)  # fmt: skip
@@ -704,15 +718,42 @@ class HubService:
         try:
             self.bus.publish(self.topics.hub_model, body, retain=True)
             self.metrics.sent_bytes.labels("model").inc(len(body))
+            if choice is not None:
+                self._request_refinement(version)
         except NotConnected as err:
             log.warning("gate decision on model v%d not published yet: %s", v, err)
             self._republish.set()
         self._publish_status(self._state)
         return decision
 
+    def _refit_choice(self, version: ModelVersion, decision: Decision) -> dict | None:
+        """When the gate serves a refined head of a model solved from the training statistics (and rounds.refine_refit
+        is on): that head's lambda and what it was chosen on, for the refit from every sample (hub/refinement)."""
+        meta = version.manifest.get("refinement") or {}
+        if self.refinement is None or not self.refinement.refit or meta.get("stage") != "select":
+            return None
+        lams = {"logits": meta.get("lam"), **{h: x["lam"] for h, x in (meta.get("heads") or {}).items()}}
+        if decision.serve not in lams or lams[decision.serve] is None or decision.state != "served":
+            return None
+        return {"version": version.version, "head": decision.serve, "lam": lams[decision.serve],
+                "balanced_accuracy": decision.scores.get(decision.serve), "statistics": sorted(version.manifest["contributions"])}  # fmt: skip
+
+    def _request_refinement(self, version: ModelVersion) -> None:
+        """Publish (retained) the refinement request for `version`: its training part, or its held-out part once the
+        gate has chosen one of its refined heads for the refit."""
+        assert self.refinement is not None
+        decided = self.ledger.gate_decision(version.version) or {}
+        part = "held_out" if decided.get("refit") else "train"
+        request = self.refinement.request(version.version, version.sha256, part)
+        self.bus.publish(self.topics.hub_refine, request, retain=True)
+        self.metrics.sent_bytes.labels("refine_request").inc(len(request))
+
     def _note_gate(self, version: ModelVersion, decision: Decision) -> None:
         """Metrics and the operator's log line for a gate decision."""
         self.metrics.gate_decisions.labels(decision.state).inc()
+        if decision.state == "served" and not decision.scores:
+            log.info("model v%d: delivery gate %s: %s", version.version, decision.state, decision.reason)
+            return  # a refit, not scored again: the federated scores shown stay those of the head it refits
         self.metrics.federated_balanced_accuracy.clear()
         for head, score in decision.scores.items():
             if score is not None:
@@ -738,9 +779,7 @@ class HubService:
         self.metrics.sent_bytes.labels("model").inc(len(body))
         meta = version.manifest.get("refinement") or {}
         if self.refinement is not None and meta.get("feature_key") == self.refinement.feature_key:
-            request = self.refinement.request(version.version, version.sha256)
-            self.bus.publish(self.topics.hub_refine, request, retain=True)
-            self.metrics.sent_bytes.labels("refine_request").inc(len(request))
+            self._request_refinement(version)
         self.metrics.fedavg_round_bytes.set(manifest.fedavg_round_bytes)
         old = version.version - 2
         if old >= 1 and old in self.registry.versions():

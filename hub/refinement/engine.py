@@ -14,9 +14,18 @@
    extra lambda in `lams` (outputs `head_refined_<i>`, features.py), all from the same sum, and
    writes the refined ONNX. The delivery gate picks among the heads on the sites' held-out
    evaluations (hub/delivery/gate.py).
-4. Forgetting: a forget request supersedes the site's contribution, which takes its statistics out
-   of `active`; the next round re-solves without them, and the certificate names them among the
-   removed records (`removed_with`) and covers the digest of exactly what was solved from.
+4. The refit (`rounds.refine_refit`): the heads above are solved from the sites' training samples
+   only, because the gate scores them on the held-out ones. Once the gate serves a refined head, its
+   decision records that head's lambda and the training statistics it was chosen on (`refit`), the
+   hub asks again with `part: held_out`, and the sites send statistics of their held-out samples.
+   `plan` then sums both parts and solves that one lambda: the model is trained on every labelled
+   sample, with the regularisation the held-out samples chose (the gate serves it without scoring
+   it again, since those samples are now in its training set). When the training statistics change
+   (a site joins, updates or is forgotten), the plan falls back to the training part and the gate
+   chooses again.
+5. Forgetting: a forget request supersedes the site's contribution, which takes its statistics (both
+   parts) out of `active`; the next round re-solves without them, and the certificate names them
+   among the removed records (`removed_with`) and covers the digest of exactly what was solved from.
 """
 
 from __future__ import annotations
@@ -48,10 +57,30 @@ class RefinedModel(ExactModel):
     # statistics as `head`: `head.digest()` names that sum (its `trained_on`), so a refit whose main head is
     # bit-identical has summed bit-identical statistics, and every extra head is the same function of them.
     heads: tuple[ClosedFormHead, ...] = ()
+    # "select": solved from the training statistics, one head per lambda for the gate to choose from;
+    # "refit": the gate's choice (`refit`: lambda, head, version) solved again from training and held-out statistics.
+    stage: str = "select"
+    refit: dict | None = None
 
     def head_outputs(self) -> dict[str, dict]:
         """The extra heads' ONNX outputs with their lambda and digest (for the manifest)."""
         return {head_name(i): {"lam": h.lam, "digest": h.digest()} for i, h in enumerate(self.heads)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a refined model would be solved from now, and how."""
+
+    rows: tuple[tuple[str, str, bytes], ...]  # (statistics id, site, payload), in id order
+    lam: float
+    lams: tuple[float, ...]
+    stage: str  # "select" | "refit"
+    refit: dict | None = None  # the gate's recorded choice (stage "refit")
+    waits_for: frozenset[str] = frozenset()  # sites whose statistics of this stage's new part are expected
+
+    @property
+    def ids(self) -> set[str]:
+        return {sid for sid, _, _ in self.rows}
 
 
 class Refinement:
@@ -70,11 +99,12 @@ class Refinement:
         variant: str = "ridge-balanced",
         lam: float = 1e-6,
         lams: tuple[float, ...] = (),
+        refit: bool = True,
     ):
         self.ledger, self.projection, self.encoder_onnx = ledger, projection, Path(encoder_onnx)
         self.feature_key = projection.key(encoder_id)
         self.key, self.min_group_size, self.max_payload_bytes = signing_key, min_group_size, max_payload_bytes
-        self.wait_s, self.variant, self.lam, self.lams = wait_s, variant, lam, tuple(lams)
+        self.wait_s, self.variant, self.lam, self.lams, self.refit = wait_s, variant, lam, tuple(lams), refit
         self._pending_since: float | None = None
 
     # --- the request ---
@@ -82,12 +112,12 @@ class Refinement:
         """A closed-form model with the projected features as a second output, so sites can compute statistics."""
         return with_feature_output(model_onnx, self.projection)
 
-    def request(self, version: int, model_sha256: str) -> bytes:
-        """The signed request naming model `version` (published retained on hub/refine)."""
+    def request(self, version: int, model_sha256: str, part: str = "train") -> bytes:
+        """The signed request naming model `version` and the samples to sum (published retained on hub/refine)."""
         body = {
             "schema_version": 1, "request_id": new_id(), "created_at": now().isoformat(),
             "feature_key": self.feature_key, "model_version": version, "model_sha256": model_sha256,
-            "output_name": OUTPUT, "dim": self.projection.dim, "min_group_size": self.min_group_size,
+            "output_name": OUTPUT, "dim": self.projection.dim, "min_group_size": self.min_group_size, "part": part,
         }  # fmt: skip
         signed = signing.sign(body, self.key)
         RefinementRequest.model_validate(signed)
@@ -106,31 +136,54 @@ class Refinement:
         return "accepted"
 
     # --- policy (main thread) ---
+    def plan(self) -> Plan:
+        """The statistics and lambdas a refined model would be solved from now.
+
+        `select`: every site's training statistics, one head per lambda (the gate chooses among them).
+        `refit`: when the gate's newest refit choice was made on exactly the active training statistics and some
+        site has sent held-out statistics: both parts, at the chosen lambda only."""
+        train = self.ledger.active_refinements(self.feature_key, "train")
+        select = Plan(tuple(train), self.lam, self.lams, "select", None, frozenset(s for _, s, _ in train))
+        choice = self.ledger.refit_choice() if self.refit and train else None
+        if choice is None or sorted(sid for sid, _, _ in train) != sorted(choice.get("statistics", [])):
+            return select
+        sites = {s for _, s, _ in train}
+        held = [r for r in self.ledger.active_refinements(self.feature_key, "held_out") if r[1] in sites]
+        if not held:
+            return select
+        rows = tuple(sorted([*train, *held]))
+        return Plan(rows, float(choice["lam"]), (), "refit", choice, frozenset(sites))
+
     def active_ids(self) -> set[str]:
         """Statistics a refined model would be solved from now."""
-        return {sid for sid, _, _ in self.ledger.active_refinements(self.feature_key)}
+        return self.plan().ids
 
     def wants_round(self, now_s: float, active_sites: set[str]) -> bool:
-        """New statistics not yet in a model, from every site with an active contribution or for `wait_s` already."""
-        rows = self.ledger.active_refinements(self.feature_key)
-        ids = {sid for sid, _, _ in rows}
-        if not ids or ids == self.ledger.last_refined_set():
+        """New statistics not yet in a model, from every site expected or for `wait_s` already: for the training
+        part, every site with an active contribution; for the refit, every site in the chosen model."""
+        plan = self.plan()
+        if not plan.ids or plan.ids == self.ledger.last_refined_set():
             self._pending_since = None
             return False
         if self._pending_since is None:
             self._pending_since = now_s
-        return active_sites <= {site for _, site, _ in rows} or now_s - self._pending_since >= self.wait_s
+        if plan.stage == "select":
+            complete = active_sites <= {site for _, site, _ in plan.rows}
+        else:
+            held = self.ledger.active_refinements(self.feature_key, "held_out")
+            complete = plan.waits_for <= {site for _, site, _ in held}
+        return complete or now_s - self._pending_since >= self.wait_s
 
     # --- solving ---
-    def _solve(self, payloads: dict[str, bytes], sites: dict[str, str]) -> RefinedModel:
+    def _solve(self, payloads: dict[str, bytes], sites: dict[str, str], lam: float, lams: tuple[float, ...]) -> RefinedModel:  # fmt: skip
         from contract.payloads import RefinementStatistics
 
         t0 = time.perf_counter()
         stats = [to_stats(RefinementStatistics.model_validate_json(payloads[sid])) for sid in sorted(payloads)]
         total = sum_stats(stats)
         t1 = time.perf_counter()
-        head = solve(total, variant=self.variant, lam=self.lam)  # type: ignore[arg-type]
-        extra = tuple(solve(total, head.label_names, variant=self.variant, lam=lam) for lam in self.lams)  # type: ignore[arg-type]
+        head = solve(total, variant=self.variant, lam=lam)  # type: ignore[arg-type]
+        extra = tuple(solve(total, head.label_names, variant=self.variant, lam=x) for x in lams)  # type: ignore[arg-type]
         t2 = time.perf_counter()
         digests = {s.contribution_id: s.digest() for s in stats}
         model = RefinedModel(
@@ -142,11 +195,13 @@ class Refinement:
         return model
 
     def fit(self, labels_needed: set[str]) -> RefinedModel | None:
-        """The refined model from the active statistics, or None when there are none or they miss a label."""
-        rows = self.ledger.active_refinements(self.feature_key)
-        if not rows:
+        """The refined model from the active statistics (`plan`), or None when there are none or they miss a label."""
+        plan = self.plan()
+        if not plan.rows:
             return None
-        model = self._solve({sid: p for sid, _, p in rows}, {sid: site for sid, site, _ in rows})
+        rows = plan.rows
+        model = self._solve({sid: p for sid, _, p in rows}, {sid: site for sid, site, _ in rows}, plan.lam, plan.lams)
+        model.stage, model.refit = plan.stage, plan.refit
         missing = sorted(labels_needed - set(model.label_names))
         if missing:
             log.warning("refinement statistics cover no sample of label(s) %s; the synthesis model is delivered",
@@ -167,7 +222,7 @@ class Refinement:
     def refit_heads_from_scratch(self, model: RefinedModel) -> list[ClosedFormHead]:
         """Every head (`logits` first, then `head_refined_<i>`) solved again from the stored payloads."""
         payloads = self.ledger.refinement_payloads(model.trained_on)
-        refit = self._solve(payloads, dict.fromkeys(payloads, ""))
+        refit = self._solve(payloads, dict.fromkeys(payloads, ""), model.head.lam, tuple(h.lam for h in model.heads))
         return [refit.head, *refit.heads]
 
     def removed_with(self, contribution_ids: list[str]) -> list[str]:

@@ -1,6 +1,7 @@
 """The refinement round on a real Mosquitto: three edges (processes, onnxruntime only) send additive statistics of
-the delivered model's features, the hub solves the head exactly and delivers it; one site forgets a label and the
-certificate names the re-solved model and the statistics that left it."""
+the delivered model's features, the hub solves one head per lambda, the delivery gate chooses one on the held-out
+samples, the sites send statistics of those too and the hub solves the chosen lambda from every sample; one site
+forgets a label and the certificate names the re-solved model and the statistics (both parts) that left it."""
 
 from __future__ import annotations
 
@@ -40,22 +41,32 @@ def test_sites_refine_the_head_and_a_forget_request_re_solves_it_exactly(
                                   TOPICS.all_sites("status"), TOPICS.all_sites("errors")])  # fmt: skip
     data = datasets.load("digits")
     operator = signing.write_keypair(tmp_path / "operator.pem")
+    four = np.flatnonzero(data.labels < 4)
     procs = {}
     try:
         for i, s in enumerate(SITES):
-            datasets.write_folder(tmp_path / s / "data", data, np.arange(i * 120, (i + 1) * 120))
+            # labels 0-3, 200 samples a site: its held-out fifth has about 10 of a label, enough for the refit's
+            # statistics (a label under the minimum group of 5 is left out of them)
+            datasets.write_folder(tmp_path / s / "data", data, four[i * 200 : (i + 1) * 200])
             procs[s] = start_edge(
                 s, tmp_path / s / "data", tmp_path / s / "state", mosquitto.port, tmp_path / f"{s}.log", k="2",
                 operator_public_key_files=json.dumps([str(tmp_path / "operator.pub.pem")]), prefer_cuda="false",
             )  # fmt: skip
 
-        def refined_version() -> int | None:
-            latest = hub.registry.latest()
-            info = latest.manifest.get("refinement", {}) if latest else {}
-            return latest.version if latest and info.get("sites") == list(SITES) else None
+        def stage(name: str) -> list[int]:
+            """Refined model versions of one stage (select, refit) solved from all three sites' statistics."""
+            out = []
+            for v in hub.registry.versions():
+                info = hub.registry.get(v).manifest.get("refinement", {})
+                if info.get("stage") == name and info.get("sites") == list(SITES):
+                    out.append(v)
+            return out
 
-        wait_for(lambda: refined_version() is not None, 300, "a model refined from all three sites' statistics")
-        v_refined = hub.registry.get(refined_version())
+        def statistics(s: str) -> list[RefinementStatistics]:
+            return [RefinementStatistics.model_validate_json(p) for p in watcher.on(TOPICS.site(s, "refine"))]
+
+        wait_for(lambda: bool(stage("select")), 300, "a model refined from all three sites' statistics")
+        v_refined = hub.registry.get(stage("select")[0])
         # The delivery gate weighs every head the refined model carries on the sites' held-out samples.
         extra = [f"head_refined_{i}" for i in range(len(RoundPolicy().refine_lams))]
         assert list(v_refined.manifest["heads"]) == ["logits", *extra, "head_nearest_prototype"]
@@ -63,29 +74,50 @@ def test_sites_refine_the_head_and_a_forget_request_re_solves_it_exactly(
         gate = hub.ledger.gate_decision(v_refined.version)
         assert gate["state"] == "served" and set(gate["balanced_accuracy"]) == set(v_refined.manifest["heads"])
         assert gate["balanced_accuracy"][gate["serve"]] == max(gate["balanced_accuracy"].values())
-        rounds = [(r.trigger, r.state, r.model_version) for r in hub.ledger.rounds()]
-        assert [r[0] for r in rounds] == ["min_sites", "refine"], rounds
         first = hub.registry.get(1).manifest
         assert first["method"] == "closed_form_exact" and "sites" not in first["refinement"]
         request_ = RefinementRequest.model_validate_json(watcher.on(TOPICS.hub_refine)[0])
-        assert request_.model_version == 1 and request_.dim == RoundPolicy().refine_dim
-        stats = {s: RefinementStatistics.model_validate_json(watcher.on(TOPICS.site(s, "refine"))[0]) for s in SITES}
-        assert sorted(v_refined.manifest["contributions"]) == sorted(st.statistics_id for st in stats.values())
+        assert request_.model_version == 1 and request_.dim == RoundPolicy().refine_dim and request_.part == "train"
+        train = {s: statistics(s)[0] for s in SITES}
+        assert {st.part for st in train.values()} == {"train"}
+        assert sorted(v_refined.manifest["contributions"]) == sorted(st.statistics_id for st in train.values())
 
-        # Bytes per site and round, refinement included: at most 64 KiB (the sites' own counters, acknowledged).
+        # The gate served a refined head: the hub asks for the held-out part and solves that lambda from every sample.
+        assert gate["serve"] != "head_nearest_prototype", gate
+        choice = gate["refit"]
+        assert choice["head"] == gate["serve"] and choice["version"] == v_refined.version
+        assert choice["statistics"] == sorted(v_refined.manifest["contributions"])
+        wait_for(lambda: bool(stage("refit")), 300, "the refit from every sample")
+        v_refit = hub.registry.get(stage("refit")[0])
+        held = {s: next(st for st in statistics(s) if st.part == "held_out") for s in SITES}
+        asked = [RefinementRequest.model_validate_json(p) for p in watcher.on(TOPICS.hub_refine) if p]
+        assert any(r.part == "held_out" and r.model_version == v_refined.version for r in asked)
+        info = v_refit.manifest["refinement"]
+        assert info["refit"]["version"] == v_refined.version and info["lam"] == choice["lam"] and info["heads"] == {}
+        assert sorted(v_refit.manifest["contributions"]) == sorted(
+            st.statistics_id for st in [*train.values(), *held.values()]
+        )
+        assert info["samples"] == sum(st.n_samples for st in [*train.values(), *held.values()])
+        wait_for(lambda: hub.ledger.gate_decision(v_refit.version) is not None, 60, "the refit's gate decision")
+        refit_gate = hub.ledger.gate_decision(v_refit.version)
+        assert refit_gate["serve"] == "logits" and refit_gate["state"] == "served", refit_gate
+        assert refit_gate["reason"].startswith(f"refit of v{v_refined.version}'s {choice['head']}")
+        rounds = [(r.trigger, r.state, r.model_version) for r in hub.ledger.rounds()]
+        assert [r[0] for r in rounds] == ["min_sites", "refine", "refine"], rounds
+
+        # Bytes per site and round, refinement included: at most 64 KiB (the sites' own counters, acknowledged),
+        # and each refinement upload is one round of its own.
         def sent(s: str) -> dict[str, int]:
             msgs = [SiteStatus.model_validate_json(p) for p in watcher.on(TOPICS.site(s, "status")) if p]
             return msgs[-1].bytes_sent if msgs else {}
 
         wait_for(lambda: all("refine" in sent(s) for s in SITES), 60, "the sites' byte counters")
         for s in SITES:
-            up = sent(s)
-            print(
-                f"{s}: embeddings {up['embeddings']} B + refine {up['refine']} B = {up['embeddings'] + up['refine']} B"
-            )
-            assert up["embeddings"] + up["refine"] <= KIB64
+            up, each = sent(s), [len(p) for p in watcher.on(TOPICS.site(s, "refine"))]
+            print(f"{s}: embeddings {up['embeddings']} B, refine {each} B")
+            assert up["embeddings"] <= KIB64 and max(each) <= KIB64
         reg = hub.metrics.registry
-        assert reg.get_sample_value("fedge_hub_received_bytes_total", {"kind": "refine"}) >= 3 * 20_000
+        assert reg.get_sample_value("fedge_hub_received_bytes_total", {"kind": "refine"}) >= 6 * 20_000
         assert reg.get_sample_value("fedge_hub_sent_bytes_total", {"kind": "refine_request"}) > 0
 
         # site-0 forgets label "3": new contribution, receipt, and statistics of what is left.
@@ -95,32 +127,46 @@ def test_sites_refine_the_head_and_a_forget_request_re_solves_it_exactly(
         cert = UnlearningCertificate.model_validate_json(watcher.on(TOPICS.hub_certificate)[0])
         after = hub.registry.get(cert.model_version_after)
         rounds = [(r.trigger, r.state, r.model_version) for r in hub.ledger.rounds()]
-        assert cert.model_version_before == v_refined.version and after.version > v_refined.version, rounds
-        assert "sites" in after.manifest["refinement"]  # the re-solved refined model, not the synthesis one
-        old = stats["site-0"]
-        assert old.contribution_id in cert.removed_contributions and old.statistics_id in cert.removed_contributions
+        assert cert.model_version_before == v_refit.version and after.version > v_refit.version, rounds
+        # the re-solved refined model, from the other sites' training statistics: the gate chooses its lambda again
+        assert after.manifest["refinement"]["stage"] == "select" and "sites" in after.manifest["refinement"]
+        gone = [train["site-0"], held["site-0"]]
+        assert train["site-0"].contribution_id in cert.removed_contributions
+        assert all(st.statistics_id in cert.removed_contributions for st in gone)
         assert not set(cert.removed_contributions) & set(cert.trained_on)
         assert cert.trained_on == sorted(after.manifest["contributions"])
         assert cert.model_sha256 == after.sha256 and cert.training_digest == after.manifest["training_digest"]
         assert cert.verification["refit_bit_identical"] == 1.0 and cert.verification["refit_max_abs_diff"] == 0.0
         # What was derived from the deleted data is purged from the ledger.
-        row = hub.ledger._db.execute(
-            "SELECT length(payload), purged_at FROM refinements WHERE statistics_id = ?", (old.statistics_id,)
-        ).fetchone()
-        assert row[0] == 0 and row[1] is not None
-        # site-0 then sends statistics of what it kept, and the hub refines again from all three sites.
-        wait_for(lambda: len(watcher.on(TOPICS.site("site-0", "refine"))) == 2, 60, "site-0's new statistics")
-        new = RefinementStatistics.model_validate_json(watcher.on(TOPICS.site("site-0", "refine"))[1])
-        assert "3" not in new.labels
-        wait_for(lambda: new.statistics_id in (hub.registry.latest().manifest.get("contributions") or []), 60,
-                 "a model refined with site-0's new statistics")  # fmt: skip
+        for st in gone:
+            row = hub.ledger._db.execute(
+                "SELECT length(payload), purged_at FROM refinements WHERE statistics_id = ?", (st.statistics_id,)
+            ).fetchone()
+            assert row[0] == 0 and row[1] is not None
+
+        # site-0 then sends statistics of what it kept, both parts in turn, and the hub refines and refits again.
+        def new_parts() -> dict[str, RefinementStatistics]:
+            return {st.part: st for st in statistics("site-0") if st.contribution_id != train["site-0"].contribution_id}
+
+        wait_for(lambda: len(new_parts()) == 2, 300, "site-0's new statistics, training and held-out parts")
+        assert all("3" not in st.labels for st in new_parts().values())
+
+        def refit_with_site0() -> bool:
+            latest = hub.registry.latest().manifest
+            ids = set(latest.get("contributions") or [])
+            return (
+                latest["refinement"].get("stage") == "refit"
+                and {st.statistics_id for st in new_parts().values()} <= ids
+            )
+
+        wait_for(refit_with_site0, 300, "a refit with site-0's new statistics")
         assert not watcher.on(TOPICS.all_sites("errors"))
         # The audit trail verifies: certificate digests against the statistics, refinement payloads' sha256.
         pem = signing.public_pem(hub.signing_key.public_key())
         audit.export(hub.ledger, pem, tmp_path / "audit")
         report = audit.verify(tmp_path / "audit", pem)
         assert report["ok"], report["problems"]
-        assert report["checked"]["certificates"] == 1 and report["checked"]["refinements"] == 4
+        assert report["checked"]["certificates"] == 1 and report["checked"]["refinements"] == 8
     finally:
         stop_edges(procs)
         watcher.stop()

@@ -161,7 +161,7 @@ def test_select_refine_scores_the_refinement_settings_on_validation_only(tiny, t
         assert folders.main(argv) == 0
     sel = json.loads((tmp_path / "tiny-refine-select.json").read_text())
     settings = {r["setting"] for r in sel["ranking"]}
-    per = len(folders.REFINE_LAMS) + len(folders.REFINE_HEAD_SETS)
+    per = len(folders.REFINE_LAMS) + 2 * len(folders.REFINE_HEAD_SETS)  # every head set through the gate, and refit
     assert len(settings) == len(folders.REFINE_KINDS) * len(folders.REFINE_DIMS) * per
     assert all(0.0 <= r["mean"] <= 1.0 and len(r["per_seed"]) == 1 for r in sel["ranking"])
     assert not (tmp_path / "tiny.json").exists()  # nothing evaluated on the test folder

@@ -23,10 +23,11 @@ from runtime.outcomes import Rejected
 KEY = "0123456789abcdef"
 
 
-def _request(dim: int, key=None) -> RefinementRequest:
+def _request(dim: int, key=None, part: str = "train") -> RefinementRequest:
     body = {
         "schema_version": 1, "request_id": "ab" * 16, "created_at": "2026-11-29T00:00:00Z", "feature_key": KEY,
         "model_version": 1, "model_sha256": "00" * 32, "output_name": OUTPUT, "dim": dim, "min_group_size": 5,
+        "part": part,
     }  # fmt: skip
     key = key or signing.Ed25519PrivateKey.generate()
     return RefinementRequest.model_validate(signing.sign(body, key))
@@ -219,12 +220,82 @@ def test_the_hub_solves_one_head_per_lambda_from_the_same_sum(tmp_path: Path) ->
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ref = Refinement(ledger, Projection(fm, dim=12, kind="rff"), tmp_path / "encoder.onnx", "enc",
                      signing.Ed25519PrivateKey.generate(), 5, 1 << 20, 60.0, lam=1e-4, lams=(1e-3, 1e-1))  # fmt: skip
-    model = ref._solve(payloads, dict.fromkeys(payloads, "site"))
+    model = ref._solve(payloads, dict.fromkeys(payloads, "site"), ref.lam, ref.lams)
     total = sum_stats([to_stats(RefinementStatistics.model_validate_json(p)) for p in payloads.values()])
     assert model.head.digest() == solve(total, lam=1e-4).digest()
     assert [h.digest() for h in model.heads] == [solve(total, lam=lam).digest() for lam in (1e-3, 1e-1)]
     assert list(model.head_outputs()) == [head_name(0), head_name(1)]
     assert {h.trained_on for h in model.heads} == {model.head.trained_on} == {total.digest()}
-    again = ref._solve(payloads, dict.fromkeys(payloads, "site"))
+    again = ref._solve(payloads, dict.fromkeys(payloads, "site"), ref.lam, ref.lams)
     assert [h.digest() for h in (again.head, *again.heads)] == [h.digest() for h in (model.head, *model.heads)]
+    ledger.close()
+
+
+def test_once_the_gate_chooses_a_refined_head_the_hub_solves_its_lambda_again_from_every_sample(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """The refit: training statistics give one head per lambda; a gate decision that served one of them, made on
+    exactly these statistics, switches the plan to training + held-out statistics at that lambda alone (waiting for
+    every site's held-out part); a changed training part (a forgotten site) goes back to choosing."""
+    from hub.refinement import Refinement
+
+    z, y = _data(1500, dim=12)  # every label has >= 5 samples in each held-out part
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    fm = FeatureMap(dim=8, n_features=12, seed=0)
+    ref = Refinement(ledger, Projection(fm, dim=12, kind="rff"), tiny_bundle / "encoder.onnx", "enc",
+                     signing.Ed25519PrivateKey.generate(), 5, 1 << 20, 60.0, lam=1e-4, lams=(1e-3, 1e-1))  # fmt: skip
+    ref.feature_key = KEY
+    emb = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    parts = np.array_split(np.arange(len(y)), 3)
+    train_ids, held = [], {}
+    for i, idx in enumerate(parts):
+        c = make_contribution(f"site-{i}", "enc", emb, ["0"] * 10 + ["1"] * 10, k=1)
+        ledger.ingest(c, c.to_json_bytes())
+        cut = len(idx) * 4 // 5
+        st = make_statistics(f"site-{i}", _request(12), c.contribution_id, 5, *statistics(z[idx[:cut]], [y[j] for j in idx[:cut]], 5))  # fmt: skip
+        assert ledger.ingest_refinement(st, st.model_dump_json().encode())
+        train_ids.append(st.statistics_id)
+        h = make_statistics(f"site-{i}", _request(12, part="held_out"), c.contribution_id, 5,
+                            *statistics(z[idx[cut:]], [y[j] for j in idx[cut:]], 5))  # fmt: skip
+        assert h.part == "held_out" and h.statistics_id != st.statistics_id
+        held[f"site-{i}"] = h
+    sites = {f"site-{i}" for i in range(3)}
+    plan = ref.plan()
+    assert (plan.stage, plan.ids, plan.lam, plan.lams) == ("select", set(train_ids), 1e-4, (1e-3, 1e-1))
+    assert ref.wants_round(0.0, sites)
+    selected = ref.fit(set())
+    assert selected is not None and selected.stage == "select" and len(selected.heads) == 2
+    ledger.finish_round(ledger.request_round("refine"), [], 1, refinements=selected.trained_on)
+    assert not ref.wants_round(1.0, sites)
+    # Held-out statistics alone change nothing until the gate has chosen on these training statistics.
+    ledger.ingest_refinement(held["site-0"], held["site-0"].model_dump_json().encode())
+    assert ref.plan().stage == "select" and not ref.wants_round(2.0, sites)
+    choice = {"version": 2, "head": "head_refined_0", "lam": 1e-3, "balanced_accuracy": 0.9, "statistics": sorted(train_ids)}  # fmt: skip
+    assert ledger.record_gate(2, {"serve": "head_refined_0", "state": "served", "refit": choice}, b"{}")
+    assert ledger.refit_choice() == choice
+    plan = ref.plan()
+    assert plan.stage == "refit" and plan.lam == 1e-3 and plan.lams == ()
+    assert plan.ids == {*train_ids, held["site-0"].statistics_id}
+    assert not ref.wants_round(3.0, sites)  # waits for every site's held-out part ...
+    assert ref.wants_round(3.0 + 60.0, sites)  # ... or refine_wait_s
+    for s in ("site-1", "site-2"):
+        ledger.ingest_refinement(held[s], held[s].model_dump_json().encode())
+    assert ref.wants_round(100.0, sites)
+    refit = ref.fit(set())
+    assert refit is not None and refit.stage == "refit" and refit.refit == choice and refit.heads == ()
+    all_ids = [*train_ids, *(h.statistics_id for h in held.values())]
+    assert sorted(refit.trained_on) == sorted(all_ids)
+    # The same head as solving the pooled samples at the chosen lambda; a refit from the stored payloads is identical.
+    total = sum_stats([ContributionStats.from_features("x" * 32, KEY, z, np.array(y))])
+    assert np.abs(refit.head.weights - solve(total, lam=1e-3).weights).max() < 1e-6
+    assert [h.digest() for h in ref.refit_heads_from_scratch(refit)] == [refit.head.digest()]
+    # site-1 is forgotten: both its parts leave, and the plan chooses again from the training part.
+    c = next(c for c in ledger.active() if c.site_id == "site-1")
+    new = make_contribution("site-1", "enc", emb[:10], ["0"] * 10, k=1, supersedes=c.contribution_id)
+    ledger.ingest(new, new.to_json_bytes())
+    assert sorted(ledger.refinements_based_on([c.contribution_id])) == sorted(
+        [train_ids[1], held["site-1"].statistics_id]
+    )
+    plan = ref.plan()
+    assert plan.stage == "select" and plan.ids == {train_ids[0], train_ids[2]}
     ledger.close()
