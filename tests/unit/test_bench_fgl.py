@@ -122,3 +122,58 @@ def test_a_fedge_round_repeats_exactly(world, tmp_path) -> None:
     drop = lambda r: {k: v for k, v in r.items() if k != "_timings"}  # noqa: E731
     assert drop(refined[0][0]) == drop(refined[1][0])
     assert refined[0][0]["bytes_up_per_site"] > 100 and refined[0][0]["unlearning"].startswith("exact")
+
+
+def test_refinement_dimension_chosen_on_validation_within_the_upload_budget() -> None:
+    rows = [
+        {"dataset": "digits", "method": "centralized", "recipe": r, "val_accuracy": 0.9} for r in ("adam", "fedavg-sgd")
+    ]
+    for cell in range(2):  # two validation cells; a candidate's upload is its largest mean over them
+        base = {"dataset": "digits", "alpha": 0.1, "sites": 5, "seed": 0, "cell": cell}
+        for k, acc in ((4, 0.95), (16, 0.96)):
+            rows += [
+                {**base, "k": k, "method": m, "val_accuracy": acc, "bytes_up_per_site": 2000}
+                for m in fgl.CANDIDATE_ORDER[:2]
+            ]
+        for d, acc, up in ((16, 0.97, 6000), (32, 0.98, 9000 + 2000 * cell), (64, 0.99, 20000)):
+            rows.append({**base, "k": 16, "method": "fedge+refine", "refine_features": "rff", "refine_dim": d,
+                         "refine_lam": 1e-4, "val_accuracy": acc, "bytes_up_per_site": up})  # fmt: skip
+    ch = fgl.choose(rows, "digits", fedavg_up=10_000_000, bar=1000)  # budget 10,000 B per site
+    assert ch["upload_budget_bytes"] == 10_000
+    assert (ch["fedge_method"], ch["k"]) == ("fedge+refine", 16)
+    assert ch["refine"] == {"features": "rff", "dim": 16, "lam": 1e-4, "val_accuracy": 0.97, "bytes_up_per_site": 6000}
+    over = {c["dim"]: c["within_budget"] for c in ch["refine_candidates"]}
+    assert over == {16: True, 32: False, 64: False}  # d=32 fits one cell (9,000 B) but not the other (11,000 B)
+    ch = fgl.choose(rows, "digits", fedavg_up=30_000_000, bar=1000)
+    assert ch["refine"]["dim"] == 64 and ch["fedge_candidate"] == "fedge+refine k=16 rff d=64 lam=0.0001"
+    ch = fgl.choose(rows, "digits", fedavg_up=5_000_000, bar=1000)  # no refinement fits: the best one-round model
+    assert (ch["fedge_method"], ch["k"], ch["refine"]) == ("fedge-cnn", 16, None)
+
+
+def test_fedavg_upload_is_measured_from_the_serialized_model(world) -> None:
+    grid = replace(fgl.QUICK, fedavg_rounds=2)
+    x, y = world.data.images[world.split.public[:20]], world.data.labels[world.split.public[:20]]
+    nc = len(world.data.label_names)
+    before = torch.random.get_rng_state()
+    budget = fgl.fedavg_upload(world, grid)
+    assert torch.equal(before, torch.random.get_rng_state())  # the grid's random numbers do not move
+    res = run_fedavg(lambda: SmallCNN(world.data.image_size, nc), [(x, y)], (x, y), 2, 1, 0.05, eval_every=1)
+    assert budget == res.bytes_up_per_site
+
+
+def test_refinement_statistics_bytes_are_measured_per_dimension(world) -> None:
+    from types import SimpleNamespace
+
+    from hub.learning.closed_form import FeatureMap
+
+    parts = fgl.split_sites(world.data.labels, world.split.private, 3, 0.1, 5)
+    contribs = fgl.contributions(world, parts, 4, 5, (0, "digits", "bytes"))
+    f = SimpleNamespace(fmap=FeatureMap(world.fm.dim, 1024, 0.7, seed=1))
+    ups = {}
+    for d in (16, 32):
+        proj = fgl.projection(world, f, fgl.RefineSetting("rff", d, 1e-4), (0, "t"))
+        stats, ups[d] = fgl.site_statistics(world, proj, parts, contribs, 5)
+        assert len(stats) == 3 and min(ups[d]) > 0
+        again = fgl.site_statistics(world, proj, parts, contribs, 5)[1]
+        assert again == ups[d]  # the same bytes twice: the clock is fixed
+    assert all(b > 2 * a for a, b in zip(ups[16], ups[32], strict=True))  # the Gram matrix grows with d^2
