@@ -47,7 +47,7 @@ from hub.framu.features import DAY_S, FEATURE_NAMES, SiteEvaluation, features
 
 STATE_FORMAT = 1
 # Features added after STATE_FORMAT 1 was first saved: a saved state without them is completed from the prior.
-ADDED_FEATURES = ("loo_gain",)
+ADDED_FEATURES = ("loo_gain", "self_gap")
 HEAD_VERSIONS_KEPT = 16  # model versions whose leave-one-out head names the state remembers
 
 # The value of each feature for a contribution with nothing against it: the policy scores the
@@ -64,6 +64,7 @@ FEATURE_REFERENCE: dict[str, float | str] = {
     "log_count_ratio": 0.0,
     "encoder_majority": 1.0,
     "loo_gain": 0.0,
+    "self_gap": 0.0,
 }
 
 
@@ -91,6 +92,7 @@ PRIOR: dict[str, float] = {
     "log_count_ratio": 0.0,
     "encoder_majority": 4.0,
     "loo_gain": -25.0,  # `--select-stage counterfactual` (bench/results/framu-select-loo.json)
+    "self_gap": 0.0,  # `--select-stage stale` (bench/results/framu-select-stale.json)
 }
 
 
@@ -125,6 +127,9 @@ class FramuConfig:
     # the heads tied FRAMU without them and were worse in the stale scenario (docs/framu.md, stage 3).
     loo_max: int = 0
     loo_window: int = 1  # model versions pooled into loo_gain (the newest with a head for the contribution)
+    # The consensus a contribution's agreement is measured against comes only from the other contributions whose
+    # noise-free attention in the previous proposal was at least `threshold` (docs/framu.md, stage 5).
+    trusted_consensus: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -239,7 +244,10 @@ class Framu:
         self, contributions: list[Contribution], evaluations: list[SiteEvaluation], now: datetime
     ) -> dict[str, np.ndarray]:
         cfg = self.config
-        return features(contributions, evaluations, now, cfg.consensus, cfg.min_support, cfg.loo_window)
+        trust = self._s["attention"] if cfg.trusted_consensus else None
+        return features(
+            contributions, evaluations, now, cfg.consensus, cfg.min_support, cfg.loo_window, trust, cfg.threshold
+        )
 
     def loo_wanted(
         self,

@@ -28,6 +28,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_count_ratio",
     "encoder_majority",
     "loo_gain",
+    "self_gap",
 )
 """The features, in the order of every feature vector:
 
@@ -56,6 +57,11 @@ loo_gain            counterfactual evidence: the *other* sites' pooled balanced 
                     held-out confusion matrices of the newest `loo_window` model versions that carried a
                     leave-one-out head for it. Positive: the contribution hurts the others. 0 when no such
                     head was evaluated by another site (no evidence either way).
+self_gap            counterfactual evidence from the contribution's own site: that site's held-out accuracy of
+                    the model *without* the contribution (its leave-one-out head) minus the median of the other
+                    sites' accuracies of the full model, on the newest model version with such a report. Data
+                    the other sites' model cannot predict (stale, flipped) scores well below 0; a clean site's
+                    held-out samples are predicted about as well as the others' own. 0 without such a report.
 """
 
 
@@ -223,6 +229,37 @@ def loo_gains(
     return out
 
 
+def self_gaps(contributions: Sequence[Contribution], evaluations: Sequence[SiteEvaluation]) -> dict[str, float]:
+    """Per contribution id with evidence: its own site's accuracy without it minus the others' accuracy with it.
+
+    On the newest model version in which the contribution's own site reported the confusion matrix of the
+    leave-one-out head for it: that matrix's accuracy (trace / total) minus the median of the other sites'
+    accuracies of the full model of the same version (their reports' `accuracy`). A contribution without such
+    a report, or whose version no other site reported on, is absent (its feature is 0).
+    """
+    site_of = {c.contribution_id: c.site_id for c in contributions}
+    own: dict[str, tuple[int, float]] = {}  # cid -> (version, own site's accuracy without it)
+    others: dict[int, dict[str, float]] = {}  # version -> site -> accuracy of the full model
+    for e in evaluations:
+        v = int(e.model_version)
+        if e.accuracy is not None and e.samples > 0 and math.isfinite(e.accuracy):
+            others.setdefault(v, {})[e.site_id] = float(e.accuracy)
+        for cid, m in (e.without or {}).items():
+            if site_of.get(cid) != e.site_id:
+                continue
+            loo = np.asarray(m, np.int64)
+            if loo.ndim != 2 or loo.shape[0] != loo.shape[1] or loo.sum() <= 0:
+                continue  # a malformed or empty report adds nothing
+            if cid not in own or v > own[cid][0]:
+                own[cid] = (v, float(np.trace(loo) / loo.sum()))
+    out = {}
+    for cid, (v, acc) in own.items():
+        rest = [a for s, a in others.get(v, {}).items() if s != site_of[cid]]
+        if rest:
+            out[cid] = acc - float(np.median(rest))
+    return out
+
+
 def features(
     contributions: Sequence[Contribution],
     evaluations: Sequence[SiteEvaluation],
@@ -230,6 +267,8 @@ def features(
     consensus: str = "median",
     min_support: int = 1,
     loo_window: int = 1,
+    trust: Mapping[str, float] | None = None,
+    trust_min: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """One vector (len(FEATURE_NAMES), float64, in FEATURE_NAMES order) per contribution id.
 
@@ -245,6 +284,10 @@ def features(
             that label's class mean counts in full (`_agreement`); 1 counts every disagreement in full.
         loo_window: how many of the newest model versions with a leave-one-out head for a contribution
             pool into its `loo_gain` (`loo_gains`).
+        trust: contribution id -> attention (the previous proposal's); with it, the consensus that a
+            contribution's agreement and margin are measured against is formed only from the other
+            sites' contributions whose trust is at least `trust_min` (an id absent from `trust` is
+            trusted), or from all the others when fewer than two are trusted.
     """
     # Id order everywhere: the consensus sums, and so the features' last bits, do not depend on input order.
     contributions = sorted(contributions, key=lambda c: c.contribution_id)
@@ -260,6 +303,7 @@ def features(
     majority = min(encoders, key=lambda e: (-encoders[e], e)) if encoders else ""
     acc = _latest_accuracy(evaluations)
     gains = loo_gains(contributions, evaluations, loo_window)
+    selfs = self_gaps(contributions, evaluations)
     out: dict[str, np.ndarray] = {}
     for c in contributions:
         # Prototypes of another encoder live in another space: only the same encoder's are compared.
@@ -268,6 +312,16 @@ def features(
             for o in contributions
             if o.site_id != c.site_id and o.encoder_id == c.encoder_id and len(protos[o.contribution_id][0])
         ]
+        if trust is not None:
+            trusted = [
+                protos[o.contribution_id]
+                for o in contributions
+                if o.site_id != c.site_id
+                and o.encoder_id == c.encoder_id
+                and len(protos[o.contribution_id][0])
+                and float(trust.get(o.contribution_id, 1.0)) >= trust_min
+            ]
+            others = trusted if len(trusted) >= 2 else others
         mine = protos[c.contribution_id]
         if len(mine[0]) and others and {p[0].shape[1] for p in others} == {mine[0].shape[1]}:
             agreement, margin = _agreement(mine, _class_means(others, consensus), _support(others), min_support)
@@ -284,7 +338,8 @@ def features(
         ratio = math.log(max(c.n_samples, 1) / median_size)
         out[c.contribution_id] = np.array(
             [agreement, margin, gap, missing, math.log1p(age_d), math.log1p(idle_d), ratio,
-             1.0 if c.encoder_id == majority else 0.0, gains.get(c.contribution_id, 0.0)],
+             1.0 if c.encoder_id == majority else 0.0, gains.get(c.contribution_id, 0.0),
+             selfs.get(c.contribution_id, 0.0)],
             np.float64,
         )  # fmt: skip
     return out

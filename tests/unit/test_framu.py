@@ -365,8 +365,12 @@ def test_loo_gain_is_the_other_sites_balanced_accuracy_without_minus_with() -> N
     # Reports without heads: the feature is 0 and every other feature is what it was before.
     plain = [SiteEvaluation(e.site_id, e.model_version, e.accuracy, e.samples) for e in loo_reports(cs, 3, bad, 1)]
     fp = features(cs, plain, NOW)
-    assert fp[bad][loo_gain] == 0.0
-    assert np.array_equal(np.delete(fp[bad], loo_gain), np.delete(f[bad], loo_gain))
+    self_gap = FEATURE_NAMES.index("self_gap")
+    assert fp[bad][loo_gain] == 0.0 and fp[bad][self_gap] == 0.0
+    # The other head-derived feature: `bad`'s own site gets nothing right without it, the others 0.8 with it.
+    assert f[bad][self_gap] == pytest.approx(-0.8)
+    heads = [loo_gain, self_gap]
+    assert np.array_equal(np.delete(fp[bad], heads), np.delete(f[bad], heads))
 
 
 def test_a_contribution_that_hurts_the_others_loses_attention() -> None:
@@ -480,3 +484,40 @@ def test_framu_loop_reads_the_leave_one_out_heads_the_manifest_named() -> None:
     # A row without heads (a site that predates them) is read as before.
     ledger.rows = [{**rows[0], "heads": None}]
     assert loop.evaluations() == [SiteEvaluation("site-0", 3, 0.8, 30)]
+
+
+# ------------------------------------------------------------------ stale scenario (docs/framu.md, stage 5)
+
+
+def test_trusted_consensus_leaves_out_the_sites_weighted_low() -> None:
+    cs = [contribution(i) for i in range(3)] + [contribution(i, flip=True) for i in (3, 4)]
+    clean, agreement = cs[0].contribution_id, FEATURE_NAMES.index("agreement")
+    low = {c.contribution_id: 0.1 for c in cs[3:]}
+    plain = features(cs, [], NOW)
+    trusted = features(cs, [], NOW, trust=low, trust_min=0.5)
+    # Judged only against the two other clean sites, the clean site agrees in full.
+    assert trusted[clean][agreement] == 1.0
+    assert trusted[clean][agreement] >= plain[clean][agreement]
+    # Fewer than two trusted other sites: the consensus of all the others, as without trust.
+    few = {c.contribution_id: 0.1 for c in cs[1:]}
+    assert np.array_equal(features(cs, [], NOW, trust=few, trust_min=0.5)[clean], plain[clean])
+    # An agent with trusted_consensus uses its previous proposal's attention (none yet: everyone is trusted).
+    a, b = Framu(config()), Framu(config(trusted_consensus=True))
+    assert a.weights(cs, [], NOW, "r0", explore=False) == b.weights(cs, [], NOW, "r0", explore=False)
+
+
+def test_self_gap_is_the_own_sites_accuracy_without_minus_the_others_with() -> None:
+    cs = [contribution(i) for i in range(5)]
+    bad, self_gap = cs[4].contribution_id, FEATURE_NAMES.index("self_gap")
+    # Every site reports the full model at 0.8 and the head without `bad`; its own site gets 6 of 30 right without it.
+    reports = [
+        SiteEvaluation(
+            c.site_id, 2, 0.8, 30, confusions(8, 2), {bad: confusions(2, 8) if c == cs[4] else confusions(8, 2)}
+        )
+        for c in cs
+    ]
+    f = features(cs, reports, NOW)
+    assert f[bad][self_gap] == pytest.approx(0.2 - 0.8)
+    assert all(f[c.contribution_id][self_gap] == 0.0 for c in cs[:4])  # no head of theirs, no evidence
+    # The own site's report alone (no other site reported on that version): no evidence either.
+    assert features(cs, reports[4:], NOW)[bad][self_gap] == 0.0
