@@ -661,7 +661,13 @@ def run_seed(f: Folders, opts: Options, r: int, stats_dir: Path, log) -> tuple[l
     encode_s = time.perf_counter() - t
     pred = nearest_prototype(contribs, names, f.test.emb)
     add(
-        "nearest-prototype", pred, np.mean(up_protos), f.encoder_bytes + every_upload, time.perf_counter() - t, k=opts.k
+        "nearest-prototype",
+        pred,
+        np.mean(up_protos),
+        f.encoder_bytes + every_upload,
+        time.perf_counter() - t,
+        k=opts.k,
+        bytes_up_max_round=max(up_protos),
     )
 
     t = time.perf_counter()
@@ -669,7 +675,8 @@ def run_seed(f: Folders, opts: Options, r: int, stats_dir: Path, log) -> tuple[l
     x, yy = gaussian_samples(contribs, names, g["scale"], opts.samples_per_count, seed_of(*tag, "gauss"))
     model = logreg(x, yy, g["C"], 0)
     add("gaussian+logreg", model.predict(f.test.emb), np.mean(up_protos), f.encoder_bytes + logreg_bytes(model),
-        encode_s + time.perf_counter() - t, k=opts.k, setting=sel["chosen"]["gaussian+logreg"], synthetic_samples=len(yy))  # fmt: skip
+        encode_s + time.perf_counter() - t, k=opts.k, setting=sel["chosen"]["gaussian+logreg"], synthetic_samples=len(yy),
+        bytes_up_max_round=max(up_protos))  # fmt: skip
 
     t = time.perf_counter()
     lam = parse(sel["chosen"]["closed-form"])["lambda"]
@@ -677,7 +684,7 @@ def run_seed(f: Folders, opts: Options, r: int, stats_dir: Path, log) -> tuple[l
     head, ups = closed_form_fit(sites, names, proj, lam, opts.min_group_size)
     head_bytes = (head.weights.size + head.bias.size) * 4
     add("closed-form", closed_form_predict(head, names, proj, f.test.emb), np.mean(ups), f.encoder_bytes + head_bytes,
-        time.perf_counter() - t, setting=sel["chosen"]["closed-form"], projection=opts.projection)  # fmt: skip
+        time.perf_counter() - t, setting=sel["chosen"]["closed-form"], projection=opts.projection, bytes_up_max_round=max(ups))  # fmt: skip
 
     t = time.perf_counter()
     pred, res = fedavg(lambda: SmallCNN(f.cnn_size, nc), [(s.pixels, s.labels) for s in sites], (f.test.pixels, y), opts,
@@ -696,7 +703,8 @@ def run_seed(f: Folders, opts: Options, r: int, stats_dir: Path, log) -> tuple[l
     c = parse(sel["chosen"]["centralized-logreg"])["C"]
     model = logreg(np.concatenate([s.emb for s in sites]), np.concatenate([s.labels for s in sites]), c, 0)
     add("centralized-logreg", model.predict(f.test.emb), np.mean([p.file_bytes for p in f.sites]),
-        f.encoder_bytes + logreg_bytes(model), time.perf_counter() - t, setting=sel["chosen"]["centralized-logreg"])  # fmt: skip
+        f.encoder_bytes + logreg_bytes(model), time.perf_counter() - t, setting=sel["chosen"]["centralized-logreg"],
+        bytes_up_max_round=max(p.file_bytes for p in f.sites))  # fmt: skip
 
     # fedge as the service delivers it: every site uploads from its training part only (the edge holds out
     # holdout_fraction of its samples, never used for prototypes or refinement statistics) and the delivery gate
@@ -714,7 +722,7 @@ def run_seed(f: Folders, opts: Options, r: int, stats_dir: Path, log) -> tuple[l
         heads = {"logits": fr.predict, "head_nearest_prototype": proto_head}
         served, decision = gate(heads, hold, nc)
         add("fedge", heads[served](f.test.emb), np.mean(fup), f.encoder_bytes + fr.info["model_bytes"],
-            time.perf_counter() - t, k=opts.k, served=served, gate=decision, **fr.info)  # fmt: skip
+            time.perf_counter() - t, k=opts.k, served=served, gate=decision, bytes_up_max_round=max(fup), **fr.info)  # fmt: skip
         t = time.perf_counter()
         out = fedge_refine(f, fr, train, fcontribs, opts)
         if isinstance(out, str):
@@ -766,7 +774,7 @@ def summarize(rows: list[dict], names: tuple[str, ...]) -> list[dict]:
         s["confusion_summed"] = np.sum([r["confusion"] for r in done], axis=0).tolist()
         for b in ("bytes_up_per_site", "bytes_down_per_site"):
             s[b] = int(round(np.mean([r[b] for r in done])))
-        # the most one site sent in one round, over the seeds (a method of one round: all it sends)
+        # the most one site sent in one round, over the sites and seeds (FedAvg: a round's update, the same for all)
         s["bytes_up_max_round"] = int(max(r.get("bytes_up_max_round", r["bytes_up_per_site"] / r.get("rounds", 1)) for r in done))  # fmt: skip
         out.append(s)
     return out
