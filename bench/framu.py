@@ -428,7 +428,6 @@ STALE_CANDIDATES = {
     "default": {"trusted": False, "self_gap": 0.0, "loo_max": 0},
     "trusted": {"trusted": True, "self_gap": 0.0, "loo_max": 0},
     "self-6": {"trusted": False, "self_gap": 6.0, "loo_max": 2},
-    "self-12": {"trusted": False, "self_gap": 12.0, "loo_max": 2},
     "trusted+self-6": {"trusted": True, "self_gap": 6.0, "loo_max": 2},
 }
 # self_gap 12 (alone and with `trusted`) was in the design; it was dropped before the run for time, after a smoke
