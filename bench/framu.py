@@ -429,6 +429,9 @@ STALE_CANDIDATES = {
     "trusted": {"trusted": True, "self_gap": 0.0, "loo_max": 0},
     "self-6": {"trusted": False, "self_gap": 6.0, "loo_max": 2},
     "trusted+self-6": {"trusted": True, "self_gap": 6.0, "loo_max": 2},
+    # Stage 5b (docs/framu.md), added after stage 5's result and before running it: threshold 0.6.
+    "default-0.6": {"trusted": False, "self_gap": 0.0, "loo_max": 0, "threshold": 0.6},
+    "trusted-0.6": {"trusted": True, "self_gap": 0.0, "loo_max": 0, "threshold": 0.6},
 }
 # self_gap 12 (alone and with `trusted`) was in the design; it was dropped before the run for time, after a smoke
 # run on seeds 1000 and 1001 gave each a false positive there where the defaults had none (docs/framu.md).
@@ -460,12 +463,13 @@ def candidate(base: FramuConfig, g: dict) -> FramuConfig:
     if "exploration" in g:
         cfg = replace(cfg, exploration=g["exploration"], learning_rate=g["lr"], offset_learning_rate=g["lr"],
                       reward_aggregate=g["reward_aggregate"])  # fmt: skip
-    if "threshold" in g:
+    if "patience" in g:
         cfg = replace(cfg, threshold=g["threshold"], patience=g["patience"])
     if "self_gap" in g:
         # The own-site evidence needs heads; the others' leave-one-out evidence (loo_gain) is left out (prior 0).
         prior = dict(cfg.prior) | {"self_gap": g["self_gap"]} | ({"loo_gain": 0.0} if g["loo_max"] else {})
         cfg = replace(cfg, prior=tuple(prior.items()), loo_max=g["loo_max"], trusted_consensus=g["trusted"])
+        cfg = replace(cfg, threshold=g.get("threshold", cfg.threshold))
     return cfg
 
 
