@@ -425,10 +425,10 @@ DECISION_MIN_GAIN = 0.005
 # alone) is highest, so that validation holds stale shares like the test seeds' (up to 45 %); learning on.
 STALE_SEEDS = (*range(1000, 1009), 1029, 1092, 1021, 1076, 1093, 1062, 1015, 1028)
 STALE_CANDIDATES = {
-    "default": {"trusted": False, "self_gap": 0.0, "loo_max": 0},
-    "trusted": {"trusted": True, "self_gap": 0.0, "loo_max": 0},
-    "self-6": {"trusted": False, "self_gap": 6.0, "loo_max": 2},
-    "trusted+self-6": {"trusted": True, "self_gap": 6.0, "loo_max": 2},
+    "default": {"trusted": False, "self_gap": 0.0, "loo_max": 0, "threshold": 0.5},
+    "trusted": {"trusted": True, "self_gap": 0.0, "loo_max": 0, "threshold": 0.5},
+    "self-6": {"trusted": False, "self_gap": 6.0, "loo_max": 2, "threshold": 0.5},
+    "trusted+self-6": {"trusted": True, "self_gap": 6.0, "loo_max": 2, "threshold": 0.5},
     # Stage 5b (docs/framu.md), added after stage 5's result and before running it: threshold 0.6.
     "default-0.6": {"trusted": False, "self_gap": 0.0, "loo_max": 0, "threshold": 0.6},
     "trusted-0.6": {"trusted": True, "self_gap": 0.0, "loo_max": 0, "threshold": 0.6},
@@ -740,7 +740,8 @@ def markdown(summary: list[dict], rows: list[dict], meta: dict) -> str:
         f"FRAMU: threshold {fr['threshold']}, patience {fr['patience']}, outdated after {fr['outdated_after_s'] / 86400:.0f} days, "
         f"bias {fr['bias']}, prior {fr['prior']}, exploration sigma {fr['exploration']}, learning rates "
         f"{fr['learning_rate']} (theta) / {fr['offset_learning_rate']} (offsets) / {fr['value_learning_rate']} (value), "
-        f"reward = {fr['reward_aggregate']} of the sites' accuracies, consensus = {fr.get('consensus', 'mean')}, "
+        f"reward = {fr['reward_aggregate']} of the sites' accuracies, consensus = {fr.get('consensus', 'mean')}"
+        f"{' of the sites whose attention was at least the threshold' if fr.get('trusted_consensus') else ''}, "
         f"at most {fr.get('max_unlearn_share', 0.5):.2f} of the sites excluded (chosen by `--select` on validation data, "
         "bench/results/framu-select.json); counterfactual evidence: a leave-one-out head for contributions whose "
         f"attention is below {fr.get('loo_below', 0.0)}, at most {fr.get('loo_max', 0)} per model, loo_gain pooled over "
