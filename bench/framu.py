@@ -33,7 +33,7 @@ Writes bench/results/framu.json, framu.md, framu.png.
     python -m bench.framu --select     # choose FRAMU's hyper-parameters on validation data (about 25 min)
     python -m bench.framu --select --select-stage counterfactual   # the leave-one-out stage alone (about 5 min cached)
     python -m bench.framu --select --select-stage decision         # threshold x patience at the defaults (about 2 min cached)
-    python -m bench.framu --select --select-stage stale            # stage 5/5b: 17 validation seeds, stale-heavy (about 40 min cached)
+    python -m bench.framu --select --select-stage stale            # stage 5/5b: 17 validation seeds, stale-heavy (about 7 min cached)
     --cache DIR keeps the synthesis and statistics between runs (then a full run takes about 2 min)
     --jobs N    N worker processes (seeds, and --select's candidates); the results do not depend on N
 
