@@ -21,6 +21,7 @@ from contract import signing
 from contract.payloads import ErrorReport, SiteStatus, UnlearningCertificate
 from contract.topics import Topics
 from hub import datasets
+from hub.framu.agent import RECOMMENDED
 from hub.service import HubService
 from hub.unlearning import audit
 from runtime.mqtt import BrokerSettings
@@ -86,7 +87,7 @@ def test_auto_mode_unlearns_a_site_with_flipped_labels_and_tells_it_why(
     assert bad_contribution not in cert.trained_on and len(cert.trained_on) == 3
     assert cert.method == "closed_form_exact" and cert.verification["refit_bit_identical"] == 1.0
     figures = {k: v for k, v in cert.verification.items() if k.startswith("framu_")}
-    assert figures["framu_weight"] < figures["framu_threshold"] == 0.5
+    assert figures["framu_weight"] < figures["framu_threshold"] == RECOMMENDED.threshold
     assert figures["framu_rounds_below"] >= 2
     assert hub.registry.latest().version == cert.model_version_after
     # The site heard why, naming its contribution and the certificate.
