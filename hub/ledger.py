@@ -564,12 +564,12 @@ class Ledger:
         with self._lock:
             rows = self._db.execute(
                 "SELECT detail FROM decisions WHERE kind = 'delivery_gate' AND detail LIKE '%\"refit\"%' "
-                "ORDER BY id DESC LIMIT 1"
-            ).fetchall()
-        for (detail,) in rows:
-            refit = json.loads(detail).get("refit")
-            if refit:
-                return refit
+                "ORDER BY id DESC"
+            )
+            for (detail,) in rows:  # the text filter only narrows; the key decides
+                refit = json.loads(detail).get("refit")
+                if refit:
+                    return refit
         return None
 
     def refinement_payloads(self, statistics_ids: list[str]) -> dict[str, bytes]:
