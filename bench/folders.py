@@ -589,18 +589,20 @@ def refine_select(f: Folders, opts: Options, seeds: int, log) -> dict:
         for kind in REFINE_KINDS:
             for dim in REFINE_DIMS:
                 proj = Projection(fmap, dim, seed_of(*tag, "hub"), kind)  # type: ignore[arg-type]
-                stats = []
-                for s, site in enumerate(train):
-                    out = statistics(proj.features(site.emb), list(names[site.labels]), opts.min_group_size)
-                    if out is not None:
-                        stats.append(ContributionStats(f"{s:032x}", "select", tuple(out[0]), np.array(out[1]), out[2], out[3]))  # fmt: skip
+
+                def site_stats(parts: list[Site], first: int, proj=proj) -> list:
+                    """Each site's statistics of `parts` (edge.refine), ids numbered from `first`."""
+                    out = []
+                    for s, site in enumerate(parts):
+                        got = statistics(proj.features(site.emb), list(names[site.labels]), opts.min_group_size)
+                        if got is not None:
+                            out.append(ContributionStats(f"{first + s:032x}", "select", tuple(got[0]), np.array(got[1]), got[2], got[3]))  # fmt: skip
+                    return out
+
+                stats = site_stats(train, 0)
                 total = sum_stats(stats)
                 heads = {lam: solve(total, variant="ridge-balanced", lam=lam) for lam in REFINE_LAMS}
-                held = []  # the refit's held-out statistics (rounds.refine_refit)
-                for s, site in enumerate(hold):
-                    out = statistics(proj.features(site.emb), list(names[site.labels]), opts.min_group_size)
-                    if out is not None:
-                        held.append(ContributionStats(f"{s + 1000:032x}", "select", tuple(out[0]), np.array(out[1]), out[2], out[3]))  # fmt: skip
+                held = site_stats(hold, 1000)  # the refit's held-out statistics (rounds.refine_refit)
                 every = sum_stats([*stats, *held])
                 refits = {lam: solve(every, heads[lam].label_names, variant="ridge-balanced", lam=lam) for lam in REFINE_LAMS}  # fmt: skip
 

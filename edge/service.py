@@ -426,8 +426,8 @@ class EdgeService:
         path, manifest = current
         if (manifest.version, manifest.sha256) != (request.model_version, request.model_sha256):
             return False  # another model is installed (or on its way): the request for it follows
-        done_key = f"{request.feature_key}:{contribution}" + ("" if request.part == "train" else f":{request.part}")
-        done_as = "refined_for" if request.part == "train" else f"refined_{request.part}_for"
+        done_key = f"{request.feature_key}:{contribution}"
+        done_as = "refined_for" if request.part == "train" else "refined_held_out_for"  # one record per part
         if self.store.get(done_as) == done_key:
             return False
         min_group = max(request.min_group_size, self.settings.min_group_size)

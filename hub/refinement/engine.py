@@ -76,7 +76,7 @@ class Plan:
     lams: tuple[float, ...]
     stage: str  # "select" | "refit"
     refit: dict | None = None  # the gate's recorded choice (stage "refit")
-    waits_for: frozenset[str] = frozenset()  # sites whose statistics of this stage's new part are expected
+    missing: frozenset[str] = frozenset()  # refit: sites in the chosen model that have sent no held-out part yet
 
     @property
     def ids(self) -> set[str]:
@@ -143,7 +143,7 @@ class Refinement:
         `refit`: when the gate's newest refit choice was made on exactly the active training statistics and some
         site has sent held-out statistics: both parts, at the chosen lambda only."""
         train = self.ledger.active_refinements(self.feature_key, "train")
-        select = Plan(tuple(train), self.lam, self.lams, "select", None, frozenset(s for _, s, _ in train))
+        select = Plan(tuple(train), self.lam, self.lams, "select")
         choice = self.ledger.refit_choice() if self.refit and train else None
         if choice is None or sorted(sid for sid, _, _ in train) != sorted(choice.get("statistics", [])):
             return select
@@ -152,7 +152,7 @@ class Refinement:
         if not held:
             return select
         rows = tuple(sorted([*train, *held]))
-        return Plan(rows, float(choice["lam"]), (), "refit", choice, frozenset(sites))
+        return Plan(rows, float(choice["lam"]), (), "refit", choice, frozenset(sites - {s for _, s, _ in held}))
 
     def active_ids(self) -> set[str]:
         """Statistics a refined model would be solved from now."""
@@ -167,11 +167,8 @@ class Refinement:
             return False
         if self._pending_since is None:
             self._pending_since = now_s
-        if plan.stage == "select":
-            complete = active_sites <= {site for _, site, _ in plan.rows}
-        else:
-            held = self.ledger.active_refinements(self.feature_key, "held_out")
-            complete = plan.waits_for <= {site for _, site, _ in held}
+        # select: every site with an active contribution has sent its training part; refit: every chosen site its held-out
+        complete = active_sites <= {site for _, site, _ in plan.rows} if plan.stage == "select" else not plan.missing
         return complete or now_s - self._pending_since >= self.wait_s
 
     # --- solving ---
