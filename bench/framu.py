@@ -34,6 +34,7 @@ Writes bench/results/framu.json, framu.md, framu.png.
     python -m bench.framu --select --select-stage counterfactual   # the leave-one-out stage alone (about 5 min cached)
     python -m bench.framu --select --select-stage decision         # threshold x patience at the defaults (about 2 min cached)
     python -m bench.framu --select --select-stage stale            # stage 5/5b: 17 validation seeds, stale-heavy (about 7 min cached)
+    python -m bench.framu --select --select-stage pairwise         # stage 6: agreement site by site, the same 17 seeds
     --cache DIR keeps the synthesis and statistics between runs (then a full run takes about 2 min)
     --jobs N    N worker processes (seeds, and --select's candidates); the results do not depend on N
 
@@ -442,6 +443,18 @@ STALE_CANDIDATES = {
 # wins, within STALE_MAX_LOSS of it the one with fewer leave-one-out heads, then the one without `trusted`.
 STALE_MIN_GAIN = 0.005
 STALE_MAX_LOSS = 0.002
+# The pairwise stage (`--select-stage pairwise`, session 8; docs/framu.md, stage 6), designed before any of its
+# results: on STALE_SEEDS, learning on, the committed defaults (`current`: trusted median consensus, threshold 0.6)
+# against agreement measured site by site (consensus "pairwise": the median of the pairs' agreements, one site one
+# vote) with and without `trusted`, and at threshold 0.5. The rule is the stale stage's (STALE_MIN_GAIN,
+# STALE_MAX_LOSS), with `current` as the reference; among qualifiers the highest b-stale mean, within
+# STALE_MAX_LOSS of it the one without `trusted`, then the higher threshold (fewer contributions at risk).
+PAIRWISE_CANDIDATES = {
+    "current": {"agreement_by": "median", "trusted": True, "threshold": 0.6},
+    "pairwise": {"agreement_by": "pairwise", "trusted": True, "threshold": 0.6},
+    "pairwise-untrusted": {"agreement_by": "pairwise", "trusted": False, "threshold": 0.6},
+    "pairwise-0.5": {"agreement_by": "pairwise", "trusted": True, "threshold": 0.5},
+}
 
 
 def grid(axes: dict[str, tuple]) -> list[dict]:
@@ -471,6 +484,8 @@ def candidate(base: FramuConfig, g: dict) -> FramuConfig:
         prior = dict(cfg.prior) | {"self_gap": g["self_gap"]} | ({"loo_gain": 0.0} if g["loo_max"] else {})
         cfg = replace(cfg, prior=tuple(prior.items()), loo_max=g["loo_max"], trusted_consensus=g["trusted"])
         cfg = replace(cfg, threshold=g.get("threshold", cfg.threshold))
+    if "agreement_by" in g:
+        cfg = replace(cfg, consensus=g["agreement_by"], trusted_consensus=g["trusted"], threshold=g["threshold"])
     return cfg
 
 
@@ -611,20 +626,32 @@ def select_stale(w: World, st: Setting, cache: Path, log: Callable, jobs: int = 
     return stale_choice(rows)
 
 
-def stale_candidates(base: FramuConfig) -> list[tuple[FramuConfig, dict]]:
-    """(config, grid point) of every candidate of the stale stage."""
-    return [(candidate(base, g), g) for g in ({"candidate": n, **x} for n, x in STALE_CANDIDATES.items())]
+def select_pairwise(w: World, st: Setting, cache: Path, log: Callable, jobs: int = 1) -> dict:
+    """The pairwise stage (docs/framu.md, stage 6) on STALE_SEEDS, learning on; the rule beside PAIRWISE_CANDIDATES."""
+    st = replace(st, select_seeds=STALE_SEEDS)
+    base = validation_pool(w, st, cache, log, jobs)
+    cands = stale_candidates(base, PAIRWISE_CANDIDATES)
+    rows = [r for rs in _pmap(_score_job, [(st, c, g, "pairwise") for c, g in cands], jobs) for r in rs]
+    log(f"[select {w.name}] pairwise: {len(cands)} candidates scored on {len(STALE_SEEDS)} seeds")
+    return stale_choice(rows, PAIRWISE_CANDIDATES, "current")
 
 
-def stale_choice(rows: list[dict]) -> dict:
-    """The stale stage's ranking and choice from its validation rows (the rule beside STALE_SEEDS)."""
+def stale_candidates(base: FramuConfig, cands: dict | None = None) -> list[tuple[FramuConfig, dict]]:
+    """(config, grid point) of every candidate of the stale stage (or of `cands`)."""
+    cands = STALE_CANDIDATES if cands is None else cands
+    return [(candidate(base, g), g) for g in ({"candidate": n, **x} for n, x in cands.items())]
+
+
+def stale_choice(rows: list[dict], cands: dict | None = None, reference: str = "default") -> dict:
+    """The stale (or pairwise) stage's ranking and choice from its validation rows (the rule beside STALE_SEEDS)."""
+    cands = STALE_CANDIDATES if cands is None else cands
     rank = select_summary(rows, ("candidate",))
     by = {r["candidate"]: r for r in rank}
 
     def stale_per_seed(name: str) -> dict[int, float]:
         return {r["seed"]: r["val_acc"] for r in rows if r["candidate"] == name and r["scenario"] == "b-stale"}
 
-    ref = stale_per_seed("default")
+    ref = stale_per_seed(reference)
     for r in rank:
         mine = stale_per_seed(r["candidate"])
         diff = np.array([mine[k] - ref[k] for k in sorted(ref)])
@@ -635,16 +662,22 @@ def stale_choice(rows: list[dict]) -> dict:
         grp = [x for x in rows if x["candidate"] == r["candidate"] and x["scenario"] == "b-stale"]
         r["false_positives_b_stale"] = int(sum(x["false_positives"] for x in grp))
         r["missed_b_stale"] = int(sum(x["missed"] for x in grp))
-    d = by["default"]
-    ok = [r for r in rank if r["candidate"] != "default" and r["false_positives"] <= d["false_positives"]
+    d = by[reference]
+    ok = [r for r in rank if r["candidate"] != reference and r["false_positives"] <= d["false_positives"]
           and r["false_positives_d_none"] == 0 and r["val_acc_b-stale"] >= d["val_acc_b-stale"] + STALE_MIN_GAIN
           and r["stale_gain"] - r["stale_gain_se"] > 0 and r["val_acc"] >= d["val_acc"] - STALE_MAX_LOSS]  # fmt: skip
     chosen = d
     if ok:
         top = max(r["val_acc_b-stale"] for r in ok)
         near = [r for r in ok if r["val_acc_b-stale"] >= top - STALE_MAX_LOSS]
-        chosen = min(near, key=lambda r: (r["loo_heads"], r["candidate"].startswith("trusted"), -r["val_acc_b-stale"]))
-    return {"stale": rank, "chosen": {"candidate": chosen["candidate"], **STALE_CANDIDATES[chosen["candidate"]]},
+        if reference == "default":  # the stale stage: fewer heads, then without `trusted`
+            chosen = min(
+                near, key=lambda r: (r["loo_heads"], r["candidate"].startswith("trusted"), -r["val_acc_b-stale"])
+            )
+        else:  # the pairwise stage: without `trusted`, then the higher threshold
+            chosen = min(near, key=lambda r: (cands[r["candidate"]]["trusted"], -cands[r["candidate"]]["threshold"],
+                                              -r["val_acc_b-stale"]))  # fmt: skip
+    return {"stale": rank, "chosen": {"candidate": chosen["candidate"], **cands[chosen["candidate"]]},
             "seeds": list(STALE_SEEDS), "rows": rows}  # fmt: skip
 
 
@@ -882,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="digits, seed 0, 12 rounds")
     ap.add_argument("--select", action="store_true", help="score FRAMU settings on validation data and exit")
-    ap.add_argument("--select-stage", choices=("all", "counterfactual", "decision", "stale"), default="all",
+    ap.add_argument("--select-stage", choices=("all", "counterfactual", "decision", "stale", "pairwise"), default="all",
                     help="with --select: every stage (framu-select.json) or the counterfactual stage alone at the "
                     "committed defaults (framu-select-loo.json)")  # fmt: skip
     ap.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
@@ -921,6 +954,9 @@ def main(argv: list[str] | None = None) -> int:
                 "stale": (select_stale, "framu-select-stale.json",
                           {"stale_candidates": STALE_CANDIDATES, "stale_seeds": STALE_SEEDS,
                            "min_gain": STALE_MIN_GAIN, "max_loss": STALE_MAX_LOSS}, ("stale",), None),
+                "pairwise": (select_pairwise, "framu-select-pairwise.json",
+                             {"pairwise_candidates": PAIRWISE_CANDIDATES, "stale_seeds": STALE_SEEDS,
+                              "min_gain": STALE_MIN_GAIN, "max_loss": STALE_MAX_LOSS}, ("stale",), None),
                 "all": (select, "framu-select.json", {"feature_grid": FEATURE_GRID, "rl_grid": RL_GRID},
                         ("features", "reinforcement", "cap"), 3),
             }  # fmt: skip

@@ -117,7 +117,7 @@ class FramuConfig:
     max_theta: float = 20.0  # |theta_i| bound
     max_unlearn_share: float = 1 / 3  # never exclude more than floor(this * sites) sites
     reward_aggregate: Literal["median", "mean", "trimmed"] = "mean"
-    consensus: Literal["median", "mean"] = "median"  # the other sites' class means (hub.framu.features)
+    consensus: Literal["median", "mean", "pairwise"] = "median"  # how agreement is measured (hub.framu.features)
     min_support: int = 3  # other sites holding a label before a disagreement with its class mean counts in full
     require_evaluation: bool = True  # a round counts towards a streak only once the site's evaluation is in
     learn: bool = True  # False: the fixed attention policy (features alone, no exploration, no updates)
@@ -144,8 +144,8 @@ class FramuConfig:
             raise ValueError(f"prior names unknown features {unknown}; known: {list(FEATURE_NAMES)}")
         if not 0.0 <= self.max_unlearn_share < 1.0:
             raise ValueError(f"max_unlearn_share must be in [0, 1), got {self.max_unlearn_share}")
-        if self.consensus not in ("median", "mean"):
-            raise ValueError(f"consensus must be 'median' or 'mean', got {self.consensus!r}")
+        if self.consensus not in ("median", "mean", "pairwise"):
+            raise ValueError(f"consensus must be 'median', 'mean' or 'pairwise', got {self.consensus!r}")
         if self.min_support < 1:
             raise ValueError(f"min_support must be at least 1, got {self.min_support}")
         if not 0.0 <= self.loo_below <= 1.0:

@@ -168,6 +168,33 @@ def _agreement(
     return agreement, margin
 
 
+def _pairwise(
+    mine: tuple[np.ndarray, np.ndarray, np.ndarray],
+    theirs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[float, float]:
+    """(agreement, margin) of one contribution against the other sites one by one (consensus "pairwise").
+
+    For each other site with evidence (at least two labels held by both sites), the pair's agreement is
+    the mean of the two directions: this contribution's prototypes against that site's own unit class
+    means, and that site's prototypes against this contribution's (`_agreement` with a one-site
+    consensus); the margin likewise. The result is the median over the sites: one site, one vote,
+    whatever labels or samples they hold, so sites that agree with each other but not with the rest
+    (two stale lines) stay a minority. (1.0, 0.0) when no site has evidence.
+    """
+    mine_means = _class_means([mine], "median")
+    pairs = []
+    for other in theirs:
+        their_means = _class_means([other], "median")
+        if len(set(mine_means) & set(their_means)) < 2:
+            continue
+        a1, m1 = _agreement(mine, their_means)
+        a2, m2 = _agreement(other, mine_means)
+        pairs.append(((a1 + a2) / 2, (m1 + m2) / 2))
+    if not pairs:
+        return 1.0, 0.0
+    return float(np.median([a for a, _ in pairs])), float(np.median([m for _, m in pairs]))
+
+
 def _latest_accuracy(evaluations: Sequence[SiteEvaluation]) -> dict[str, float]:
     """Each site's accuracy from its report on the newest model version it evaluated."""
     best: dict[str, SiteEvaluation] = {}
@@ -278,8 +305,9 @@ def features(
         evaluations: the sites' reports; each site's newest model version counts.
         now: the time the features are taken at (aware datetime).
         consensus: how the other sites' class means are formed for `agreement` and `margin`:
-            "median" (one site, one vote: the default, chosen on validation data) or "mean"
-            (count-weighted over all their prototypes).
+            "median" (one site, one vote: the coordinate-wise median of their class means), "mean"
+            (count-weighted over all their prototypes) or "pairwise" (each other site on its own, then
+            the median of the pairs' agreements: `_pairwise`; `min_support` does not apply).
         min_support: how many other sites must hold a label before a prototype's disagreement with
             that label's class mean counts in full (`_agreement`); 1 counts every disagreement in full.
         loo_window: how many of the newest model versions with a leave-one-out head for a contribution
@@ -324,7 +352,10 @@ def features(
             others = trusted if len(trusted) >= 2 else others
         mine = protos[c.contribution_id]
         if len(mine[0]) and others and {p[0].shape[1] for p in others} == {mine[0].shape[1]}:
-            agreement, margin = _agreement(mine, _class_means(others, consensus), _support(others), min_support)
+            if consensus == "pairwise":
+                agreement, margin = _pairwise(mine, others)
+            else:
+                agreement, margin = _agreement(mine, _class_means(others, consensus), _support(others), min_support)
         else:
             agreement, margin = 1.0, 0.0
         if c.site_id in acc:
