@@ -521,3 +521,50 @@ def test_self_gap_is_the_own_sites_accuracy_without_minus_the_others_with() -> N
     assert all(f[c.contribution_id][self_gap] == 0.0 for c in cs[:4])  # no head of theirs, no evidence
     # The own site's report alone (no other site reported on that version): no evidence either.
     assert features(cs, reports[4:], NOW)[bad][self_gap] == 0.0
+
+
+# ------------------------------------------------------------ agreement site by site (docs/framu.md, stage 6)
+
+
+def shifted_contribution(site: int, keep: tuple[str, ...], centres: np.ndarray) -> Contribution:
+    """A site holding the labels `keep`, its embeddings clustered round `centres` (another distribution if not CENTRES)."""
+    rng = np.random.default_rng(site)
+    y = np.repeat(np.arange(len(centres)), 30)
+    x = centres[y] + 0.2 * rng.standard_normal((len(y), centres.shape[1]))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    names = np.array(["a", "b", "c", "d"])[y]
+    mask = np.isin(names, keep)
+    c = make_contribution(f"site-{site}", "enc", x[mask], names[mask], k=2, min_group_size=5, seed=site)
+    return c.model_copy(update={"created_at": NOW - timedelta(days=1)})
+
+
+def test_pairwise_agreement_keeps_two_like_minded_stale_sites_a_minority() -> None:
+    # Arrange: four labels; clean sites 1-3 hold a, b, c; clean site 0 also holds d, which among the other sites
+    # only the two stale sites hold. The stale sites' data come from another distribution (other centres),
+    # alike at both of them.
+    rng = np.random.default_rng(7)
+    clean_centres, stale_centres = rng.standard_normal((4, DIM)), rng.standard_normal((4, DIM))
+    clean = [shifted_contribution(0, ("a", "b", "c", "d"), clean_centres)]
+    clean += [shifted_contribution(i, ("a", "b", "c"), clean_centres) for i in (1, 2, 3)]
+    stale = [shifted_contribution(i, ("a", "b", "c", "d"), stale_centres) for i in (4, 5)]
+    cs = clean + stale
+    agreement = FEATURE_NAMES.index("agreement")
+    # Act
+    median = features(cs, [], NOW, consensus="median", min_support=1)
+    pairwise = features(cs, [], NOW, consensus="pairwise")
+    # Assert: site 0's d is judged by the stale sites' d under the median consensus; site by site, the three
+    # clean sites that share its other labels outvote the two stale ones.
+    site0 = clean[0].contribution_id
+    assert median[site0][agreement] < 1.0
+    assert pairwise[site0][agreement] == 1.0
+    for c in clean:
+        assert pairwise[c.contribution_id][agreement] == 1.0
+    for c in stale:  # they agree with each other, but that is one vote of five
+        assert pairwise[c.contribution_id][agreement] < 0.6
+    # A pair needs two labels in common: a site whose labels no other site shares has no evidence against it.
+    alone = shifted_contribution(6, ("d",), clean_centres)
+    assert features([*clean[1:], alone], [], NOW, consensus="pairwise")[alone.contribution_id][agreement] == 1.0
+    # The agent takes the setting, and an unknown one is refused.
+    assert Framu(config(consensus="pairwise")).weights(cs, [], NOW, "r0", explore=False)
+    with pytest.raises(ValueError, match="consensus"):
+        config(consensus="vote")
