@@ -47,11 +47,12 @@ def test_contributions_and_their_ids_derive_from_the_bench_seed(world) -> None:
     assert {c.contribution_id for c in one}.isdisjoint(c.contribution_id for c in other)
 
 
-def test_validation_never_touches_private_or_test(world) -> None:
+def test_validation_carves_the_private_split_and_never_touches_test_or_public(world) -> None:
+    # The public split trained the foundation (encoder and generator): validation there would be in-sample.
     sim, val = fgl.validation_split(world, fgl.QUICK)
     assert len(np.intersect1d(sim, val)) == 0
-    assert set(sim) | set(val) == set(world.split.public)
-    for held in (world.split.private, world.split.test):
+    assert set(sim) | set(val) == set(world.split.private)
+    for held in (world.split.public, world.split.test):
         assert len(np.intersect1d(np.r_[sim, val], held)) == 0
     assert np.array_equal(val, fgl.validation_split(world, fgl.QUICK)[1])
 
