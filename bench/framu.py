@@ -426,14 +426,15 @@ DECISION_MIN_GAIN = 0.005
 # the nine validation seeds and the eight of 1009-1099 whose b-stale stale share (from the partition and roles
 # alone) is highest, so that validation holds stale shares like the test seeds' (up to 45 %); learning on.
 STALE_SEEDS = (*range(1000, 1009), 1029, 1092, 1021, 1076, 1093, 1062, 1015, 1028)
+# Every one with the median consensus it ran with (stage 6 then chose the pairwise one): a rerun repeats its rows.
 STALE_CANDIDATES = {
-    "default": {"trusted": False, "self_gap": 0.0, "loo_max": 0, "threshold": 0.5},
-    "trusted": {"trusted": True, "self_gap": 0.0, "loo_max": 0, "threshold": 0.5},
-    "self-6": {"trusted": False, "self_gap": 6.0, "loo_max": 2, "threshold": 0.5},
-    "trusted+self-6": {"trusted": True, "self_gap": 6.0, "loo_max": 2, "threshold": 0.5},
+    "default": {"trusted": False, "self_gap": 0.0, "loo_max": 0, "threshold": 0.5, "agreement_by": "median"},
+    "trusted": {"trusted": True, "self_gap": 0.0, "loo_max": 0, "threshold": 0.5, "agreement_by": "median"},
+    "self-6": {"trusted": False, "self_gap": 6.0, "loo_max": 2, "threshold": 0.5, "agreement_by": "median"},
+    "trusted+self-6": {"trusted": True, "self_gap": 6.0, "loo_max": 2, "threshold": 0.5, "agreement_by": "median"},
     # Stage 5b (docs/framu.md), added after stage 5's result and before running it: threshold 0.6.
-    "default-0.6": {"trusted": False, "self_gap": 0.0, "loo_max": 0, "threshold": 0.6},
-    "trusted-0.6": {"trusted": True, "self_gap": 0.0, "loo_max": 0, "threshold": 0.6},
+    "default-0.6": {"trusted": False, "self_gap": 0.0, "loo_max": 0, "threshold": 0.6, "agreement_by": "median"},
+    "trusted-0.6": {"trusted": True, "self_gap": 0.0, "loo_max": 0, "threshold": 0.6, "agreement_by": "median"},
 }
 # self_gap 12 (alone and with `trusted`) was in the design; it was dropped before the run for time, after a smoke
 # run on seeds 1000 and 1001 gave each a false positive there where the defaults had none (docs/framu.md).
@@ -774,10 +775,11 @@ def markdown(summary: list[dict], rows: list[dict], meta: dict) -> str:
         f"FRAMU: threshold {fr['threshold']}, patience {fr['patience']}, outdated after {fr['outdated_after_s'] / 86400:.0f} days, "
         f"bias {fr['bias']}, prior {fr['prior']}, exploration sigma {fr['exploration']}, learning rates "
         f"{fr['learning_rate']} (theta) / {fr['offset_learning_rate']} (offsets) / {fr['value_learning_rate']} (value), "
-        f"reward = {fr['reward_aggregate']} of the sites' accuracies, consensus = {fr.get('consensus', 'mean')}"
-        f"{' of the sites whose attention was at least the threshold' if fr.get('trusted_consensus') else ''}, "
+        f"reward = {fr['reward_aggregate']} of the sites' accuracies, agreement = {fr.get('consensus', 'mean')}"
+        f"{' (site by site, then the median over the sites)' if fr.get('consensus') == 'pairwise' else ' consensus'}"
+        f"{' with the sites whose attention was at least the threshold' if fr.get('trusted_consensus') else ''}, "
         f"at most {fr.get('max_unlearn_share', 0.5):.2f} of the sites excluded (chosen by `--select` on validation data, "
-        "bench/results/framu-select.json); counterfactual evidence: a leave-one-out head for contributions whose "
+        "bench/results/framu-select*.json; the threshold, trust and agreement by stages 5b and 6, docs/framu.md); counterfactual evidence: a leave-one-out head for contributions whose "
         f"attention is below {fr.get('loo_below', 0.0)}, at most {fr.get('loo_max', 0)} per model, loo_gain pooled over "
         f"{fr.get('loo_window', 1)} version(s), prior {fr['prior'].get('loo_gain', 0.0)} (`--select-stage "
         "counterfactual`, bench/results/framu-select-loo.json).",

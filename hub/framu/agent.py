@@ -117,7 +117,8 @@ class FramuConfig:
     max_theta: float = 20.0  # |theta_i| bound
     max_unlearn_share: float = 1 / 3  # never exclude more than floor(this * sites) sites
     reward_aggregate: Literal["median", "mean", "trimmed"] = "mean"
-    consensus: Literal["median", "mean", "pairwise"] = "median"  # how agreement is measured (hub.framu.features)
+    # How agreement is measured (hub.framu.features): site by site since stage 6 (docs/framu.md; "median" before).
+    consensus: Literal["median", "mean", "pairwise"] = "pairwise"
     min_support: int = 3  # other sites holding a label before a disagreement with its class mean counts in full
     require_evaluation: bool = True  # a round counts towards a streak only once the site's evaluation is in
     learn: bool = True  # False: the fixed attention policy (features alone, no exploration, no updates)

@@ -32,18 +32,20 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 """The features, in the order of every feature vector:
 
-agreement           leave-one-site-out nearest-class-mean check of the contribution's prototypes: the
-                    share (weighted by counts) of its prototypes whose nearest class mean, among the
-                    consensus class means of every *other* site (by default the coordinate-wise
-                    median of the sites' own unit class means: one site, one vote; cosine), is the
-                    prototype's own label. 1 = every prototype sits where the
-                    other sites put that label; flipped labels score near 0, data from another
-                    distribution (rotated, inverted) scores low. 1.0 when no other site has any of its
-                    labels (no evidence against it). A label that fewer than `min_support` other sites
-                    hold is weaker evidence: its prototypes' disagreement counts in proportion.
-margin              the same prototypes' mean cosine to their own label's consensus mean minus their
-                    cosine to the nearest other label's (count-weighted; in [-2, 2]): graded agreement.
-                    0 when there is no evidence.
+agreement           nearest-class-mean check of the contribution's prototypes against the *other* sites.
+                    By default (consensus "pairwise") site by site: for each other site sharing at least
+                    two labels, the mean of two shares (weighted by counts): of this contribution's
+                    prototypes whose nearest class mean among that site's own unit class means (cosine)
+                    is their own label, and of that site's prototypes against this contribution's class
+                    means; then the median over those sites (one site, one vote). With "median" or
+                    "mean": against one consensus of all the others' class means, where a label that
+                    fewer than `min_support` other sites hold is weaker evidence (its prototypes'
+                    disagreement counts in proportion). 1 = every prototype sits where the others put
+                    that label; flipped labels score near 0, data from another distribution (rotated,
+                    inverted) scores low. 1.0 when no other site shares its labels (no evidence).
+margin              the same prototypes' mean cosine to their own label's class mean minus their cosine
+                    to the nearest other label's (count-weighted; in [-2, 2]; pairwise: the median over the
+                    sites of the pairs' mean margins): graded agreement. 0 when there is no evidence.
 eval_gap            the site's reported accuracy of the current model on its local held-out samples
                     minus the median of the other sites' reports (latest model version each). A site
                     with flipped labels or drifted data scores the consensus model badly. 0 when missing.
@@ -291,7 +293,7 @@ def features(
     contributions: Sequence[Contribution],
     evaluations: Sequence[SiteEvaluation],
     now: datetime,
-    consensus: str = "median",
+    consensus: str = "pairwise",
     min_support: int = 1,
     loo_window: int = 1,
     trust: Mapping[str, float] | None = None,
@@ -304,10 +306,10 @@ def features(
             the leave-one-out consensus then leaves out the whole site).
         evaluations: the sites' reports; each site's newest model version counts.
         now: the time the features are taken at (aware datetime).
-        consensus: how the other sites' class means are formed for `agreement` and `margin`:
-            "median" (one site, one vote: the coordinate-wise median of their class means), "mean"
-            (count-weighted over all their prototypes) or "pairwise" (each other site on its own, then
-            the median of the pairs' agreements: `_pairwise`; `min_support` does not apply).
+        consensus: what `agreement` and `margin` are measured against: "pairwise" (the default, chosen
+            on validation data: each other site on its own, then the median of the pairs' agreements,
+            `_pairwise`; `min_support` does not apply), "median" (the coordinate-wise median of the other
+            sites' class means) or "mean" (the count-weighted mean of all their prototypes).
         min_support: how many other sites must hold a label before a prototype's disagreement with
             that label's class mean counts in full (`_agreement`); 1 counts every disagreement in full.
         loo_window: how many of the newest model versions with a leave-one-out head for a contribution

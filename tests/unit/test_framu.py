@@ -298,6 +298,8 @@ def partial_contribution(site: int, keep: tuple[str, ...], relabel: dict[str, st
 
 
 def test_min_support_weakens_disagreement_with_a_label_that_few_other_sites_hold() -> None:
+    # min_support belongs to the consensus modes ("median", "mean"); site by site, the faulty site shares one
+    # label with the clean one, too few for a pair, so it is no evidence at all (the pairwise test below).
     # Arrange: label "c" is held by one other site only, and that site's "c" is really "a" (faulty table).
     clean = partial_contribution(0, ("a", "b", "c"))
     others = [partial_contribution(i, ("a", "b")) for i in range(1, 4)]
@@ -305,8 +307,8 @@ def test_min_support_weakens_disagreement_with_a_label_that_few_other_sites_hold
     cs = [clean, *others, faulty]
     agreement = FEATURE_NAMES.index("agreement")
     # Act
-    full = features(cs, [], NOW, min_support=1)
-    weak = features(cs, [], NOW, min_support=3)
+    full = features(cs, [], NOW, consensus="median", min_support=1)
+    weak = features(cs, [], NOW, consensus="median", min_support=3)
     # Assert: the clean site's "c" prototypes disagree with a one-site class mean, counted at 1/3 with min_support 3.
     assert full[clean.contribution_id][agreement] < 0.8
     assert weak[clean.contribution_id][agreement] > full[clean.contribution_id][agreement] + 0.1
