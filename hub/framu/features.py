@@ -170,9 +170,11 @@ def _agreement(
     return agreement, margin
 
 
+Prototypes = tuple[np.ndarray, np.ndarray, np.ndarray]  # (unit vectors, label names, counts): `_unit_prototypes`
+
+
 def _pairwise(
-    mine: tuple[np.ndarray, np.ndarray, np.ndarray],
-    theirs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    mine: Prototypes, mine_means: dict[str, np.ndarray], theirs: list[tuple[Prototypes, dict[str, np.ndarray]]]
 ) -> tuple[float, float]:
     """(agreement, margin) of one contribution against the other sites one by one (consensus "pairwise").
 
@@ -181,12 +183,11 @@ def _pairwise(
     means, and that site's prototypes against this contribution's (`_agreement` with a one-site
     consensus); the margin likewise. The result is the median over the sites: one site, one vote,
     whatever labels or samples they hold, so sites that agree with each other but not with the rest
-    (two stale lines) stay a minority. (1.0, 0.0) when no site has evidence.
+    (two stale lines) stay a minority. (1.0, 0.0) when no site has evidence. Each side comes with its own
+    unit class means (`_class_means` of its prototypes alone), computed once per contribution.
     """
-    mine_means = _class_means([mine], "median")
     pairs = []
-    for other in theirs:
-        their_means = _class_means([other], "median")
+    for other, their_means in theirs:
         if len(set(mine_means) & set(their_means)) < 2:
             continue
         a1, m1 = _agreement(mine, their_means)
@@ -322,6 +323,9 @@ def features(
     # Id order everywhere: the consensus sums, and so the features' last bits, do not depend on input order.
     contributions = sorted(contributions, key=lambda c: c.contribution_id)
     protos = {c.contribution_id: _unit_prototypes(c) for c in contributions}
+    own_means = (
+        {cid: _class_means([p], "median") for cid, p in protos.items() if len(p[0])} if consensus == "pairwise" else {}
+    )
     newest: dict[str, datetime] = {}
     for c in contributions:
         if c.site_id not in newest or c.created_at > newest[c.site_id]:
@@ -337,25 +341,20 @@ def features(
     out: dict[str, np.ndarray] = {}
     for c in contributions:
         # Prototypes of another encoder live in another space: only the same encoder's are compared.
-        others = [
-            protos[o.contribution_id]
+        other_ids = [
+            o.contribution_id
             for o in contributions
             if o.site_id != c.site_id and o.encoder_id == c.encoder_id and len(protos[o.contribution_id][0])
         ]
         if trust is not None:
-            trusted = [
-                protos[o.contribution_id]
-                for o in contributions
-                if o.site_id != c.site_id
-                and o.encoder_id == c.encoder_id
-                and len(protos[o.contribution_id][0])
-                and float(trust.get(o.contribution_id, 1.0)) >= trust_min
-            ]
-            others = trusted if len(trusted) >= 2 else others
+            trusted = [o for o in other_ids if float(trust.get(o, 1.0)) >= trust_min]
+            other_ids = trusted if len(trusted) >= 2 else other_ids
+        others = [protos[o] for o in other_ids]
         mine = protos[c.contribution_id]
         if len(mine[0]) and others and {p[0].shape[1] for p in others} == {mine[0].shape[1]}:
             if consensus == "pairwise":
-                agreement, margin = _pairwise(mine, others)
+                theirs = [(protos[o], own_means[o]) for o in other_ids]
+                agreement, margin = _pairwise(mine, own_means[c.contribution_id], theirs)
             else:
                 agreement, margin = _agreement(mine, _class_means(others, consensus), _support(others), min_support)
         else:
