@@ -234,9 +234,9 @@ def fedge_round(
 def validation_split(w: bu.World, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """(samples the simulated sites hold, samples models are scored on): both from `grid.val_pool` (the private split)."""
     rng = np.random.default_rng(bu.derive(grid.seed, w.name, "validation"))
-    pub = rng.permutation(getattr(w.split, grid.val_pool))
-    cut = int(round((1 - grid.val_frac) * len(pub)))
-    return np.sort(pub[:cut]), np.sort(pub[cut:])
+    pool = rng.permutation(getattr(w.split, grid.val_pool))
+    cut = int(round((1 - grid.val_frac) * len(pool)))
+    return np.sort(pool[:cut]), np.sort(pool[cut:])
 
 
 def probe_carves(grid: Grid) -> list[dict]:
