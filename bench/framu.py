@@ -35,6 +35,7 @@ Writes bench/results/framu.json, framu.md, framu.png.
     python -m bench.framu --select --select-stage decision         # threshold x patience at the defaults (about 2 min cached)
     python -m bench.framu --select --select-stage stale            # stage 5/5b: 17 validation seeds, stale-heavy (about 7 min cached)
     python -m bench.framu --select --select-stage pairwise         # stage 6: agreement site by site, the same 17 seeds
+    python -m bench.framu --datasets mnist                         # the test bench on MNIST: bench/results/framu-mnist.*
     --cache DIR keeps the synthesis and statistics between runs (then a full run takes about 2 min)
     --jobs N    N worker processes (seeds, and --select's candidates); the results do not depend on N
 
@@ -921,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --select: every stage (framu-select.json) or the counterfactual stage alone at the "
                     "committed defaults (framu-select-loo.json)")  # fmt: skip
     ap.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
+    ap.add_argument("--datasets", nargs="+", choices=("digits", "mnist"),
+                    help="override the datasets (results then go to framu-<datasets>.*)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--cache", type=Path, help="synthesis and statistics cache directory (default: a temporary one)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (results do not depend on it)")
@@ -928,6 +931,8 @@ def main(argv: list[str] | None = None) -> int:
     st = QUICK if args.quick else Setting()
     if args.seeds:
         st = replace(st, seeds=tuple(args.seeds))
+    if args.datasets:
+        st = replace(st, datasets=tuple(args.datasets))
     import torch
 
     torch.set_num_threads(1)  # the bench machine is shared; synthesis is the only torch user
@@ -937,12 +942,15 @@ def main(argv: list[str] | None = None) -> int:
         [""] + (["--quick"] if args.quick else []) + (["--select"] if args.select else [])
         + (["--select-stage", args.select_stage] if args.select and args.select_stage != "all" else [])
         + (["--seeds", *map(str, args.seeds)] if args.seeds else [])
+        + (["--datasets", *args.datasets] if args.datasets else [])
     )  # fmt: skip
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread"
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = FramuConfig(**{**st.framu, "prior": tuple(st.framu["prior"].items())})
     rows: list[dict] = []
     stem = "framu-quick" if args.quick else "framu"
+    if args.datasets and tuple(args.datasets) != Setting().datasets:
+        stem += "-" + "-".join(args.datasets)
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or Path(tmp)
         worlds = {name: load_world(name) for name in st.datasets}
