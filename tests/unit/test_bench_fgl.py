@@ -102,6 +102,18 @@ def test_verdicts_ties_and_fedavg_match() -> None:
     assert check["fedavg_match_round"] == 2 and check["fedavg_match_rounds_per_seed"] == [None, 2, 2]
     assert check["fedavg_match_bytes_per_site"] == 4000 and check["fedavg_match_bytes_ratio"] == 4.0
     assert check["up_within_1_1000"] and not check["shortfall"]
+    assert check["verdict"] == "met" and check["tried"] == []  # a cell that meets the bar lists nothing more
+    # A cell that falls short lists the other exactly unlearnable rows it measured, each against the upload budget.
+    for r in rows:
+        if r["method"] == "fedge-cnn":
+            r["accuracy"] -= 0.05
+    rows += [{**r, "method": "fedge+refine-hub", "k": 4, "rounds": 2, "accuracy": 0.97, "bytes_up_per_site": 50,
+              "bytes_down_per_site": 999, "refine_features": "rff", "refine_dim": 128, "refine_lam": 1e-4}
+             for r in rows if r["method"] == "fedge-cnn"]  # fmt: skip
+    (short,) = fgl.acceptance(fgl.summarize(rows), rows, {"digits": {"fedge_method": "fedge-cnn", "k": 4}})
+    assert short["verdict"].startswith("not met") and short["shortfall"] > 0
+    (hub,) = short["tried"]
+    assert hub["method"] == "fedge+refine-hub" and hub["refine"] == "rff d=128 lam=0.0001" and not hub["within_budget"]
 
 
 @pytest.mark.slow
