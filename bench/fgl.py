@@ -245,8 +245,6 @@ def probe_carves(grid: Grid) -> list[dict]:
     Per dataset, carve and validation cell (seed 0's, k = 16): nearest prototype and the refinement
     (embedding d 32, rff d 64; lambda 1e-6, the rff map seeded from the cell) scored on the carve's 30 %.
     """
-    from hub.learning.closed_form import FeatureMap
-
     out = []
     for name in grid.datasets:
         w = bu.load_world(name)
@@ -261,9 +259,7 @@ def probe_carves(grid: Grid) -> list[dict]:
                      "nearest-prototype": round(nearest_prototype(contribs, w.emb[val], w.data.labels[val], w.data.label_names), 4)}  # fmt: skip
                 fmap = FeatureMap(w.fm.dim, seed=seed_of(*cell, 16, "rff") % 2**31)
                 for kind, d in (("embedding", 32), ("rff", 64)):
-                    proj = projection(
-                        w, Fedge(None, (), {}, {}, {}, 0.0, 0, fmap), RefineSetting(kind, d, 0.0), (*cell, 16)
-                    )  # type: ignore[arg-type]
+                    proj = projection(fmap, RefineSetting(kind, d, 0.0), (*cell, 16))
                     stats, _ = site_statistics(w, proj, used, contribs, grid.min_group_size)
                     _, pred = refined_head(w, proj, stats, 1e-6, val)
                     r[f"refine-{kind}-{d}"] = round(float((pred == w.data.labels[val]).mean()), 4)
@@ -545,11 +541,11 @@ def refined_head(w: bu.World, proj, stats: list, lam: float, eval_idx: np.ndarra
     return head, idx[head.predict(proj.features(w.emb[eval_idx]))]
 
 
-def projection(w: bu.World, f: Fedge, setting: RefineSetting, tag: tuple):
-    """The refinement's projection of the closed-form model's random features (or of the embedding)."""
+def projection(fmap: FeatureMap, setting: RefineSetting, tag: tuple):
+    """The refinement's projection of the closed-form model's random features `fmap` (or of the embedding)."""
     from hub.refinement.features import Projection
 
-    return Projection(f.fmap, setting.dim, seed_of(*tag, "refine"), setting.features)
+    return Projection(fmap, setting.dim, seed_of(*tag, "refine"), setting.features)
 
 
 def refine_settings(w: bu.World, grid: Grid) -> list[tuple[str, int]]:
@@ -563,7 +559,7 @@ def refine_validation(
     """(setting, validation accuracy, mean statistics bytes per non-empty site) for every refinement setting tried."""
     out = []
     for kind, d in refine_settings(w, grid):
-        proj = None if f is None or f.fmap is None else projection(w, f, RefineSetting(kind, d, 0.0), tag)
+        proj = None if f is None or f.fmap is None else projection(f.fmap, RefineSetting(kind, d, 0.0), tag)
         stats, ups = ([], [0]) if proj is None else site_statistics(w, proj, used, contribs, grid.min_group_size)
         for lam in grid.refine_lams:
             acc = 0.0
@@ -593,7 +589,7 @@ def refinement_rows(
         return []
     t = time.perf_counter()
     setting = setting or hub_refine()
-    proj = projection(w, f, setting, tag)
+    proj = projection(f.fmap, setting, tag)
     stats, ups = site_statistics(w, proj, used, contribs, grid.min_group_size)
     if not stats:
         return []

@@ -579,6 +579,16 @@ def refine_select(f: Folders, opts: Options, seeds: int, log) -> dict:
     from hub.refinement.features import Projection
 
     n, names = len(f.label_names), np.array(f.label_names)
+
+    def site_stats(proj: Projection, parts: list[Site], first: int) -> list:
+        """Each site's statistics of `parts` (edge.refine), ids numbered from `first`."""
+        out = []
+        for s, site in enumerate(parts):
+            got = statistics(proj.features(site.emb), list(names[site.labels]), opts.min_group_size)
+            if got is not None:
+                out.append(ContributionStats(f"{first + s:032x}", "select", tuple(got[0]), np.array(got[1]), got[2], got[3]))  # fmt: skip
+        return out
+
     scores: dict[str, list[float]] = {}
     for v in range(seeds):
         tag = (opts.seed, "refine-select", v)
@@ -589,20 +599,10 @@ def refine_select(f: Folders, opts: Options, seeds: int, log) -> dict:
         for kind in REFINE_KINDS:
             for dim in REFINE_DIMS:
                 proj = Projection(fmap, dim, seed_of(*tag, "hub"), kind)  # type: ignore[arg-type]
-
-                def site_stats(parts: list[Site], first: int, proj=proj) -> list:
-                    """Each site's statistics of `parts` (edge.refine), ids numbered from `first`."""
-                    out = []
-                    for s, site in enumerate(parts):
-                        got = statistics(proj.features(site.emb), list(names[site.labels]), opts.min_group_size)
-                        if got is not None:
-                            out.append(ContributionStats(f"{first + s:032x}", "select", tuple(got[0]), np.array(got[1]), got[2], got[3]))  # fmt: skip
-                    return out
-
-                stats = site_stats(train, 0)
+                stats = site_stats(proj, train, 0)
                 total = sum_stats(stats)
                 heads = {lam: solve(total, variant="ridge-balanced", lam=lam) for lam in REFINE_LAMS}
-                held = site_stats(hold, 1000)  # the refit's held-out statistics (rounds.refine_refit)
+                held = site_stats(proj, hold, 1000)  # the refit's held-out statistics (rounds.refine_refit)
                 every = sum_stats([*stats, *held])
                 refits = {lam: solve(every, heads[lam].label_names, variant="ridge-balanced", lam=lam) for lam in REFINE_LAMS}  # fmt: skip
 

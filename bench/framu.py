@@ -635,7 +635,10 @@ def select_pairwise(w: World, st: Setting, cache: Path, log: Callable, jobs: int
     cands = stale_candidates(base, PAIRWISE_CANDIDATES)
     rows = [r for rs in _pmap(_score_job, [(st, c, g, "pairwise") for c, g in cands], jobs) for r in rs]
     log(f"[select {w.name}] pairwise: {len(cands)} candidates scored on {len(STALE_SEEDS)} seeds")
-    return stale_choice(rows, PAIRWISE_CANDIDATES, "current")
+    cands = PAIRWISE_CANDIDATES  # ties: without `trusted`, then the higher threshold
+    return stale_choice(
+        rows, cands, "current", lambda r: (cands[r["candidate"]]["trusted"], -cands[r["candidate"]]["threshold"])
+    )
 
 
 def stale_candidates(base: FramuConfig, cands: dict | None = None) -> list[tuple[FramuConfig, dict]]:
@@ -644,8 +647,16 @@ def stale_candidates(base: FramuConfig, cands: dict | None = None) -> list[tuple
     return [(candidate(base, g), g) for g in ({"candidate": n, **x} for n, x in cands.items())]
 
 
-def stale_choice(rows: list[dict], cands: dict | None = None, reference: str = "default") -> dict:
-    """The stale (or pairwise) stage's ranking and choice from its validation rows (the rule beside STALE_SEEDS)."""
+def stale_choice(
+    rows: list[dict],
+    cands: dict | None = None,
+    reference: str = "default",
+    tiebreak: Callable[[dict], tuple] = lambda r: (r["loo_heads"], r["candidate"].startswith("trusted")),
+) -> dict:
+    """The stale (or pairwise) stage's ranking and choice from its validation rows (the rule beside STALE_SEEDS).
+
+    Among qualifiers within STALE_MAX_LOSS of the best b-stale mean, `tiebreak` orders (the stale stage: fewer
+    leave-one-out heads, then without `trusted`), then the higher b-stale mean."""
     cands = STALE_CANDIDATES if cands is None else cands
     rank = select_summary(rows, ("candidate",))
     by = {r["candidate"]: r for r in rank}
@@ -672,13 +683,7 @@ def stale_choice(rows: list[dict], cands: dict | None = None, reference: str = "
     if ok:
         top = max(r["val_acc_b-stale"] for r in ok)
         near = [r for r in ok if r["val_acc_b-stale"] >= top - STALE_MAX_LOSS]
-        if reference == "default":  # the stale stage: fewer heads, then without `trusted`
-            chosen = min(
-                near, key=lambda r: (r["loo_heads"], r["candidate"].startswith("trusted"), -r["val_acc_b-stale"])
-            )
-        else:  # the pairwise stage: without `trusted`, then the higher threshold
-            chosen = min(near, key=lambda r: (cands[r["candidate"]]["trusted"], -cands[r["candidate"]]["threshold"],
-                                              -r["val_acc_b-stale"]))  # fmt: skip
+        chosen = min(near, key=lambda r: (*tiebreak(r), -r["val_acc_b-stale"]))
     return {"stale": rank, "chosen": {"candidate": chosen["candidate"], **cands[chosen["candidate"]]},
             "seeds": list(STALE_SEEDS), "rows": rows}  # fmt: skip
 

@@ -175,16 +175,14 @@ def test_fedavg_upload_is_measured_from_the_serialized_model(world) -> None:
 
 
 def test_refinement_statistics_bytes_are_measured_per_dimension(world) -> None:
-    from types import SimpleNamespace
-
     from hub.learning.closed_form import FeatureMap
 
     parts = fgl.split_sites(world.data.labels, world.split.private, 3, 0.1, 5)
     contribs = fgl.contributions(world, parts, 4, 5, (0, "digits", "bytes"))
-    f = SimpleNamespace(fmap=FeatureMap(world.fm.dim, 1024, 0.7, seed=1))
+    fmap = FeatureMap(world.fm.dim, 1024, 0.7, seed=1)
     ups = {}
     for d in (16, 32):
-        proj = fgl.projection(world, f, fgl.RefineSetting("rff", d, 1e-4), (0, "t"))
+        proj = fgl.projection(fmap, fgl.RefineSetting("rff", d, 1e-4), (0, "t"))
         stats, ups[d] = fgl.site_statistics(world, proj, parts, contribs, 5)
         assert len(stats) == 3 and min(ups[d]) > 0
         again = fgl.site_statistics(world, proj, parts, contribs, 5)[1]
