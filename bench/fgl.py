@@ -60,7 +60,7 @@ from contract.scores import balanced_accuracy
 from hub import datasets
 from hub.classifier import SmallCNN, predict, train_classifier
 from hub.export import export_classifier
-from hub.learning.closed_form import FeatureExtractor, FeatureMap
+from hub.learning.closed_form import ContributionStats, FeatureExtractor, FeatureMap
 from hub.rounds import TrainConfig, run_round
 from hub.synthesis import SynthesisConfig, Synthesizer
 from runtime.threads import DEFAULT_THREADS, size_pools
@@ -106,9 +106,10 @@ class Grid:
     # of the same size (digits), so validation misjudged it against the synthesis-trained CNN (docs/bench-fgl.md).
     val_pool: str = "private"
     # The refinement round's settings tried on validation: rff projections at each dim, the embedding's own
-    # projection only up to the embedding's width (wider only pads it), each lambda solved from the same statistics.
-    refine_dims: tuple[int, ...] = (16, 24, 32, 48, 64)
-    refine_features: tuple[str, ...] = ("rff", "embedding")
+    # projection only up to the embedding's width (wider only pads it), embedding+rff only above it, each lambda
+    # solved from the same statistics. 80 and 96 since session 9: float16 statistics fit them in the upload budget.
+    refine_dims: tuple[int, ...] = (16, 24, 32, 48, 64, 80, 96)
+    refine_features: tuple[str, ...] = ("rff", "embedding", "embedding+rff")
     # The hub's refine_lam and refine_lams, and two smaller ones (the closed-form head's own lambda is 1e-6).
     refine_lams: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     upload_bar: int = 1000  # fedge's upload per site may be at most 1/upload_bar of FedAvg's (over all its rounds)
@@ -264,6 +265,44 @@ def probe_carves(grid: Grid) -> list[dict]:
                     _, pred = refined_head(w, proj, stats, 1e-6, val)
                     r[f"refine-{kind}-{d}"] = round(float((pred == w.data.labels[val]).mean()), 4)
                 out.append(r)
+    return out
+
+
+def probe_wire(grid: Grid) -> list[dict]:
+    """The refinement's heads from the statistics as a site sends them (float16 sums and scatter root, edge.refine)
+    against heads from exact float64 statistics: validation cells only, no synthesis, no test data (docs/bench-fgl.md).
+
+    Per dataset: every validation cell, k, refinement setting and lambda of the select stage (the rff map seeded
+    as there), scored on the validation carve; the accuracy differences, summarised.
+    """
+    from edge.refine import statistics
+
+    out = []
+    for name in grid.datasets:
+        w = bu.load_world(name)
+        sim, val = validation_split(w, grid)
+        y, names = w.data.labels[val], np.array(w.data.label_names)
+        diffs = []
+        for v in range(grid.select_seeds):
+            for alpha, n in grid.select_cells:
+                cell = (grid.seed, w.name, "select", v, alpha, n)
+                parts = split_sites(w.data.labels, sim, n, alpha, seed_of(*cell, "split"))
+                used = [p for p in parts if len(p)]
+                for k in grid.select_ks:
+                    contribs = contributions(w, parts, k, grid.min_group_size, cell)
+                    fmap = FeatureMap(w.fm.dim, bu.Setting().n_features, bu.Setting().bandwidth, seed=bu.derive(*cell, k, "rff"))  # fmt: skip
+                    for kind, d in refine_settings(w, grid):
+                        proj = projection(fmap, RefineSetting(kind, d, 0.0), (*cell, k))
+                        wire, _ = site_statistics(w, proj, used, contribs, grid.min_group_size)
+                        made = [statistics(proj.features(w.emb[p]), list(names[w.data.labels[p]]), grid.min_group_size) for p in used]  # fmt: skip
+                        exact = [ContributionStats(f"{i:032x}", "exact", tuple(m[0]), np.array(m[1]), m[2], m[3])
+                                 for i, m in enumerate(made) if m is not None]  # fmt: skip
+                        for lam in grid.refine_lams:
+                            acc = [float((refined_head(w, proj, s, lam, val)[1] == y).mean()) for s in (exact, wire)]
+                            diffs.append(acc[1] - acc[0])
+        d = np.array(diffs)
+        out.append({"dataset": name, "heads": len(d), "equal": int((d == 0).sum()), "mean_diff": round(float(d.mean()), 5),
+                    "min_diff": round(float(d.min()), 4), "max_diff": round(float(d.max()), 4), "val": len(val)})  # fmt: skip
     return out
 
 
@@ -514,14 +553,14 @@ def site_statistics(w: bu.World, proj, used: list, contribs: list, min_group: in
     the bytes do not depend on the clock.
     """
     from contract.payloads import RefinementRequest
-    from edge.refine import make_statistics, statistics
+    from edge.refine import make_statistics, wire_statistics
     from hub.refinement.statistics import to_stats
 
     names = np.array(w.data.label_names)
     request = RefinementRequest.model_construct(feature_key=proj.key(w.fm.encoder_id), model_version=1)
     stats, ups = [], []
     for p, c in zip(used, contribs, strict=True):  # one upload per non-empty site, in order
-        out = statistics(proj.features(w.emb[p]), list(names[w.data.labels[p]]), min_group)
+        out = wire_statistics(proj.features(w.emb[p]), list(names[w.data.labels[p]]), min_group)
         if out is None:
             ups.append(0)
             continue
@@ -549,8 +588,10 @@ def projection(fmap: FeatureMap, setting: RefineSetting, tag: tuple):
 
 
 def refine_settings(w: bu.World, grid: Grid) -> list[tuple[str, int]]:
-    """(features, dim) tried on validation: rff at every dim; the embedding up to its width (wider only pads it)."""
-    return [(kind, d) for kind in grid.refine_features for d in grid.refine_dims if kind == "rff" or d <= w.fm.dim]
+    """(features, dim) tried on validation: rff at every dim; the embedding up to its width (wider only pads it);
+    embedding+rff above it (the embedding whole, the random features in the rest)."""
+    fits = {"rff": lambda d: True, "embedding": lambda d: d <= w.fm.dim, "embedding+rff": lambda d: d > w.fm.dim}
+    return [(kind, d) for kind in grid.refine_features for d in grid.refine_dims if fits[kind](d)]
 
 
 def refine_validation(
@@ -1045,8 +1086,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="write the summary, Markdown and plot of a finished run in --out again from its JSON files and exit")  # fmt: skip
     ap.add_argument("--probe-carves", action="store_true",
                     help="validation on a public against a private carve (seconds; writes fgl-carves.json) and exit")  # fmt: skip
+    ap.add_argument("--probe-wire", action="store_true",
+                    help="the refinement's heads from the wire's float16 statistics against exact ones, on validation "
+                         "(seconds; writes fgl-wire.json) and exit")  # fmt: skip
     args = ap.parse_args(argv)
     grid = replace(QUICK if args.quick else Grid(), seed=args.seed)
+    if args.probe_wire:
+        size_threads(args.threads)
+        probe = probe_wire(grid)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fgl-wire.json").write_text(json.dumps(probe, indent=1) + "\n")
+        for r in probe:
+            print(r)
+        return 0
     if args.rewrite:
         rewrite(args.out, "fgl-quick" if args.quick else "fgl")
         print(f"rewrote {args.out} from its JSON")

@@ -364,7 +364,8 @@ def closed_form_fit(sites: list[Site], names: tuple[str, ...], proj: np.ndarray,
         z = site.emb[keep].astype(np.float64) @ proj
         st = ContributionStats.from_features(f"site{s + 1}", "projection", z, np.array(names)[site.labels[keep]])
         stats.append(st)
-        # What a site sends: the Gram matrix's upper triangle, per-label sums and counts, float32 as the wire's arrays.
+        # What a Fed3R site sends: the Gram matrix's upper triangle, per-label sums and counts, as float32 arrays
+        # (Fed3R's statistics; fedge's own refinement round sends float16 sums and a square root: edge/refine.py).
         upper = st.gram[np.triu_indices(st.gram.shape[0])]
         arrays = [ArrayPayload.from_numpy(a, "float32").model_dump_json() for a in (upper, st.sums)]
         ups.append(sum(len(a) for a in arrays) + len(json.dumps({"labels": st.labels, "counts": st.counts.tolist()})))
@@ -470,7 +471,7 @@ def fedge_refine(f: Folders, fr: FedgeRound, sites: list[Site], contribs: list, 
     the statistics miss a label (then the heads are the one-round model's)."""
     try:
         from contract.payloads import RefinementRequest
-        from edge.refine import make_statistics, statistics
+        from edge.refine import make_statistics, wire_statistics
         from hub.config import RoundPolicy
         from hub.learning.closed_form import solve, sum_stats
         from hub.refinement.features import Projection, head_name, refined_onnx, with_feature_output
@@ -487,7 +488,9 @@ def fedge_refine(f: Folders, fr: FedgeRound, sites: list[Site], contribs: list, 
         got, sent = [], []
         for s, (site, c) in enumerate(zip(parts, contribs, strict=True)):
             # The hub-side twin of the ONNX output a site reads (the projected features of its embeddings).
-            out = statistics(proj.features(site.emb), list(np.array(f.label_names)[site.labels]), opts.min_group_size)
+            out = wire_statistics(
+                proj.features(site.emb), list(np.array(f.label_names)[site.labels]), opts.min_group_size
+            )
             if out is None:
                 sent.append(0)
                 continue

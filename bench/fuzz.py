@@ -237,11 +237,14 @@ class HubHarness:
                 "data": base64.b64encode(a.astype("<f4").tobytes()).decode(),
             }
 
+        counts = [draw(st.integers(5, 50)) for _ in range(n)]
+        r = draw(st.integers(1, min(d, sum(counts))))
         return {
             "schema_version": 1, "statistics_id": draw(IDS), "site_id": "SITE", "created_at": "2026-11-22T03:21:55Z",
             "feature_key": self.hub.refinement.feature_key, "model_version": 1, "contribution_id": "BASIS",
-            "min_group_size": 5, "labels": [str(j) for j in range(n)], "counts": [draw(st.integers(5, 50)) for _ in range(n)],
-            "sums": arr(rng.normal(size=(n, d))), "gram": arr(rng.normal(size=d * (d + 1) // 2)),
+            "min_group_size": 5, "labels": [str(j) for j in range(n)], "counts": counts,
+            "sums": arr(rng.normal(size=(n, d))), "sums_scale": 2.0 ** draw(st.integers(-8, 8)),
+            "root": arr(rng.normal(size=r * d - r * (r - 1) // 2)), "root_rows": r, "root_scale": 2.0 ** draw(st.integers(-8, 8)),
         }  # fmt: skip
 
     def valid_site_status(self, draw) -> dict:

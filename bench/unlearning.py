@@ -271,7 +271,7 @@ def refine_payloads(
     the site encodes its own images (fixed batches) and projects them (`proj.features`, the twin of the model's
     `fedge_refine_features` output). Sites without a label of at least the minimum group send nothing."""
     from contract.payloads import RefinementRequest
-    from edge.refine import make_statistics, statistics
+    from edge.refine import make_statistics, wire_statistics
 
     request = RefinementRequest.model_construct(feature_key=proj.key(w.fm.encoder_id), model_version=1)
     out = {}
@@ -279,7 +279,7 @@ def refine_payloads(
         if not len(idx):
             continue
         z = proj.features(extractor.embed(w.data.images[idx]))
-        made = statistics(z, list(np.array(w.data.label_names)[w.data.labels[idx]]), st.min_group_size)
+        made = wire_statistics(z, list(np.array(w.data.label_names)[w.data.labels[idx]]), st.min_group_size)
         if made is not None:
             out[cid] = (
                 make_statistics(f"site-{cid[:8]}", request, cid, st.min_group_size, *made).model_dump_json().encode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import uuid
 from datetime import UTC, datetime
@@ -543,10 +544,20 @@ class RefinementStatistics(BaseModel):
     part: RefinementPart = Field(default="train", description="The request's part: which samples were summed.")
     labels: list[Label] = Field(min_length=1, max_length=MAX_LABELS, description="Labels summed, in row order.")
     counts: list[Annotated[int, Field(ge=1, le=MAX_COUNT)]] = Field(description="Samples per label.")
-    sums: ArrayPayload = Field(description="Per-label sums of the features, shape [L, dim].")
-    gram: ArrayPayload = Field(
-        description="Upper triangle (numpy triu_indices order, row by row) of Z^T Z over every counted sample, "
-        "shape [dim (dim + 1) / 2]."
+    sums: ArrayPayload = Field(description="Per-label sums of the features divided by sums_scale, shape [L, dim].")
+    sums_scale: float = Field(
+        default=1.0, ge=2.0**-64, le=2.0**64,
+        description="A power of two: the sums on the wire are the sums divided by it, so that float16 holds them (the "
+        "hub multiplies back; dividing by a power of two loses nothing).",
+    )  # fmt: skip
+    root: ArrayPayload = Field(
+        description="The upper-triangular R [root_rows, dim] of a QR decomposition of the counted features minus their "
+        "mean (R^T R is their scatter), its upper triangle row by row (numpy triu_indices(root_rows, m=dim)), "
+        "divided by root_scale; the hub's Gram matrix is R^T R + s s^T / n, s the sum of the sums, n of the counts.",
+    )
+    root_rows: int = Field(ge=1, le=MAX_REFINE_DIM, description="Rows of R: min(samples counted, dim).")
+    root_scale: float = Field(
+        default=1.0, ge=2.0**-64, le=2.0**64, description="A power of two: root on the wire is R divided by it."
     )
 
     @model_validator(mode="after")
@@ -558,9 +569,16 @@ class RefinementStatistics(BaseModel):
             raise ValueError(f"sums must be [{len(self.labels)}, dim] with 1 <= dim <= {MAX_REFINE_DIM}, got {shape}")
         if len(self.counts) != len(self.labels):
             raise ValueError(f"{len(self.labels)} labels but {len(self.counts)} counts")
-        d = shape[1]
-        if self.gram.shape != [d * (d + 1) // 2]:
-            raise ValueError(f"gram must be the upper triangle of a {d} x {d} matrix, shape [{d * (d + 1) // 2}]")
+        d, r = shape[1], self.root_rows
+        if r > min(d, sum(self.counts)):
+            raise ValueError(f"root_rows {r} is more than min(dim, samples counted) = {min(d, sum(self.counts))}")
+        if self.root.shape != [r * d - r * (r - 1) // 2]:
+            raise ValueError(
+                f"root must be the upper triangle of a {r} x {d} matrix, shape [{r * d - r * (r - 1) // 2}]"
+            )
+        for name in ("sums_scale", "root_scale"):
+            if math.frexp(getattr(self, name))[0] != 0.5:
+                raise ValueError(f"{name} must be a power of two, got {getattr(self, name)!r}")
         small = [n for n in self.counts if n < self.min_group_size]
         if small:
             raise ValueError(f"a label counts {small[0]} samples, fewer than min_group_size={self.min_group_size}")

@@ -46,7 +46,7 @@ from edge.encoder import EncoderChoice, choose_encoder
 from edge.forget import ForgetContext, Forgetter
 from edge.metrics import EdgeMetrics
 from edge.models import ChunkAssembler, GlobalModel, ModelRejected, ModelStore
-from edge.refine import make_statistics, projected_features, statistics
+from edge.refine import make_statistics, projected_features, wire_statistics
 from edge.store import EdgeStore, IndexedSample
 from runtime.mqtt import Bus, Message, NotConnected
 from runtime.outcomes import Outcome, Rejected, guarded
@@ -435,7 +435,7 @@ class EdgeService:
         samples, images = self._read(self.store.samples(holdout=held_out), manifest.input_shape[-1])
         t = time.perf_counter()
         feats = projected_features(path, manifest.input_name, request.output_name, images, self.settings.threads)
-        stats = statistics(feats, [x.label for x in samples], min_group) if len(samples) else None
+        stats = wire_statistics(feats, [x.label for x in samples], min_group) if len(samples) else None
         if stats is None:
             self.store.set(done_as, done_key)  # nothing to count: no label has enough samples
             return False

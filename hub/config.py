@@ -34,17 +34,18 @@ class RoundPolicy(BaseModel):
         description="Closed-form refinement round (docs/unlearning.md): sites send additive statistics of the "
         "delivered model's projected features and the hub solves the head from them exactly (model closed_form).",
     )
-    refine_features: Literal["auto", "rff", "embedding"] = Field(
+    refine_features: Literal["auto", "rff", "embedding", "embedding+rff"] = Field(
         default="auto",
         description="What the sites' statistics are computed over (hub/refinement/features.py): the encoder's "
-        "embedding (a linear head, as Fed3R) or the closed-form model's random Fourier features (a kernel head); "
-        "auto: the embedding when it has at least refine_dim dimensions (the general encoder), else the random "
+        "embedding (a linear head, as Fed3R), the closed-form model's random Fourier features (a kernel head), or "
+        "embedding+rff (both: the embedding whole, the random features projected to the remaining dimensions; "
+        "needs refine_dim above the embedding's width); auto: the embedding when it has at least refine_dim dimensions (the general encoder), else the random "
         "features (the bundled digits encoder). Chosen on validation carves (docs/evaluate.md).",
     )
     refine_dim: int = Field(
         default=128, ge=8, le=512,
-        description="Projected feature dimension: a site uploads dim (dim + 1) / 2 + labels x dim float32 values "
-        "(128: about 45 KB of JSON for 2 labels, 51 KB for 10).",
+        description="Projected feature dimension: a site uploads dim (dim + 1) / 2 + labels x dim float16 values "
+        "(128: about 22 KB of JSON for 2 labels, 26 KB for 10).",
     )  # fmt: skip
     refine_wait_s: float = Field(
         default=60.0, gt=0, le=86400,

@@ -1,6 +1,8 @@
 """A site's refinement statistics: validated from the wire, turned into additive float64 statistics, summed, solved.
 
-The wire carries float32 (a few tens of KB per site); the hub widens them to float64 and keeps
+The wire carries float16, divided by powers of two, of the per-label sums and of a square root R of the
+scatter (edge/refine.py; about 14 KB of JSON per site at dim 96); the hub widens them to float64, multiplies
+the scales back (exact: powers of two), rebuilds the Gram matrix and keeps
 everything else of the closed-form model's machinery (hub/learning/closed_form.py): statistics are
 summed in id order, never subtracted, so dropping one site's statistics and solving again is
 bit-identical to solving without them from the start.
@@ -37,15 +39,19 @@ def parse_statistics(
 
 
 def to_stats(st: RefinementStatistics) -> ContributionStats:
-    """The additive statistics (float64, labels sorted, full symmetric Gram) that the solver sums."""
-    d = st.dim
-    gram = np.zeros((d, d))
-    iu = np.triu_indices(d)
-    upper = st.gram.to_numpy().astype(np.float64)
-    gram[iu] = upper
-    gram.T[iu] = upper
+    """The additive statistics (float64, labels sorted, full symmetric Gram) that the solver sums.
+
+    Gram = R^T R + s s^T / n from the scaled float16 values as they arrived (s the sum of the per-label sums):
+    positive semi-definite with the intercept's mean, so sums of them never make the ridge system indefinite.
+    """
+    d, r = st.dim, st.root_rows
+    root = np.zeros((r, d))
+    root[np.triu_indices(r, m=d)] = st.root.to_numpy().astype(np.float64) * st.root_scale
     order = sorted(range(len(st.labels)), key=lambda i: st.labels[i])
-    sums = st.sums.to_numpy().astype(np.float64)[order]
+    sums = st.sums.to_numpy().astype(np.float64)[order] * st.sums_scale
     counts = np.array([st.counts[i] for i in order], np.int64)
+    total = sums.sum(axis=0)
+    gram = root.T @ root + np.outer(total, total) / float(counts.sum())
+    gram = (gram + gram.T) / 2.0  # bit-symmetric whatever the BLAS
     labels = tuple(st.labels[i] for i in order)
     return ContributionStats(st.statistics_id, st.feature_key, labels, counts, sums, gram)

@@ -188,3 +188,14 @@ def test_refinement_statistics_bytes_are_measured_per_dimension(world) -> None:
         again = fgl.site_statistics(world, proj, parts, contribs, 5)[1]
         assert again == ups[d]  # the same bytes twice: the clock is fixed
     assert all(b > 2 * a for a, b in zip(ups[16], ups[32], strict=True))  # the Gram matrix grows with d^2
+
+
+def test_the_wire_probe_compares_heads_from_exact_and_sent_statistics_on_validation_only() -> None:
+    """--probe-wire: the same heads solved from float64 statistics and from the edge's float16 payloads, scored on the
+    validation carve (digits, one cell, one setting per kind): at most a few validation samples apart."""
+    grid = replace(fgl.QUICK, select_ks=(4,), refine_dims=(24, 48), refine_lams=(1e-6, 1e-3))
+    (probe,) = fgl.probe_wire(grid)
+    # rff at 24 and 48, the embedding at 24, embedding+rff at 48 (above the 32-d embedding); two lambdas each
+    assert probe["dataset"] == "digits" and probe["heads"] == 4 * 2
+    assert probe["val"] == len(fgl.validation_split(fgl.bu.load_world("digits"), grid)[1])
+    assert max(abs(probe["min_diff"]), abs(probe["max_diff"])) <= 2 / probe["val"]

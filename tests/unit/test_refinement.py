@@ -13,7 +13,7 @@ import pytest
 from contract import signing
 from contract.payloads import RefinementRequest, RefinementStatistics
 from edge.contribution import make_contribution
-from edge.refine import make_statistics, projected_features, statistics
+from edge.refine import make_statistics, projected_features, statistics, wire_scale, wire_statistics
 from hub.learning.closed_form import ContributionStats, FeatureExtractor, FeatureMap, solve, sum_stats
 from hub.ledger import Ledger
 from hub.refinement.features import OUTPUT, Projection, head_name, refined_onnx, with_feature_output
@@ -55,14 +55,62 @@ def test_the_head_does_not_depend_on_how_the_samples_are_split_across_sites() ->
     assert split.label_names == pooled.label_names
     assert np.abs(split.weights - pooled.weights).max() < 1e-9
     assert np.abs(split.bias - pooled.bias).max() < 1e-9
-    # The same through the wire (float32 per site): equal up to float32 rounding of each site's sums.
+    # The same through the wire: float16 sums and a float16 square root of the scatter per site, each divided by a
+    # power of two. Every value arrives within half a float16 step at its largest one's exponent; the Gram matrix
+    # rebuilt from them is within that rounding of the exact one, and the head solved from them predicts the same.
     req = _request(z.shape[1])
     wire = []
     for c in cuts:
-        names, counts, sums, gram = statistics(z[c], [y[i] for i in c], 5)
-        wire.append(to_stats(make_statistics("s", req, "cd" * 16, 5, names, counts, sums, gram)))
+        names, counts, sums, root = wire_statistics(z[c], [y[i] for i in c], 5)
+        exact = statistics(z[c], [y[i] for i in c], 5)
+        assert exact is not None and np.allclose(
+            root.T @ root + np.outer(sums.sum(0), sums.sum(0)) / sum(counts), exact[3]
+        )
+        payload = make_statistics("s", req, "cd" * 16, 5, names, counts, sums, root)
+        for scale, largest in ((payload.sums_scale, np.abs(sums).max()), (payload.root_scale, np.abs(root).max())):
+            assert scale in 2.0 ** np.arange(-64, 65) and 0.5 <= largest / scale < 1.0
+        assert payload.root.dtype == payload.sums.dtype == "float16" and payload.root_rows == z.shape[1]
+        got = to_stats(payload)
+        assert np.abs(got.sums - sums).max() <= 2.0**-12 * payload.sums_scale
+        assert np.abs(got.gram - exact[3]).max() < 2e-3 * np.abs(exact[3]).max()
+        assert np.array_equal(got.gram, got.gram.T)
+        wire.append(got)
     head = solve(sum_stats(wire), variant="ridge-balanced", lam=1e-6)
-    assert np.abs(head.weights - pooled.weights).max() < 1e-3 * np.abs(pooled.weights).max()
+    assert np.abs(head.weights - pooled.weights).max() < 1e-2 * np.abs(pooled.weights).max()
+    assert np.array_equal(head.predict(z), pooled.predict(z))
+
+
+def test_the_rebuilt_gram_is_positive_semi_definite_and_large_sites_travel_scaled() -> None:
+    """A site with fewer samples than dimensions (5 samples of one label, as a new site may have): R has 5 rows, and the
+    ridge system over what arrived is positive definite at any lambda, the intercept included (float16 rounding of a
+    Gram matrix itself can make it indefinite). A large site (Gram entries far above float16's 65,504) arrives within
+    float16 rounding. A scale that is not a power of two, which the hub could not multiply back exactly, is refused."""
+    from pydantic import ValidationError
+
+    z, y = _data(dim=24)
+    few = wire_statistics(z[:5] * 0.01 + z[0], ["a"] * 5, 5)  # nearly identical samples: a tiny scatter
+    assert few is not None and few[3].shape == (5, 24)
+    st = to_stats(make_statistics("s", _request(24), "cd" * 16, 5, *few))
+    n = float(st.counts.sum())
+    m = st.sums.sum(0) / n
+    schur = st.gram / n - np.outer(m, m)  # the intercept's system is positive definite iff this + lam I is
+    assert np.linalg.eigvalsh(schur).min() > -1e-12
+    solve(sum_stats([st]), lam=1e-9)  # Cholesky succeeds
+    z, y = _data(dim=6)
+    z = np.tile(z, (500, 1))  # 300,000 samples: Gram diagonal beyond float16's range
+    exact = statistics(z, y * 500, 5)
+    assert exact is not None and exact[3].max() > 65504
+    payload = make_statistics("s", _request(6), "cd" * 16, 5, *wire_statistics(z, y * 500, 5))
+    assert np.abs(to_stats(payload).gram - exact[3]).max() / exact[3].max() < 1e-3
+    body = json.loads(payload.model_dump_json())
+    for name in ("sums_scale", "root_scale"):
+        with pytest.raises(ValidationError, match="power of two"):
+            RefinementStatistics.model_validate({**body, name: 3.0 * body[name]})
+    with pytest.raises(ValidationError, match="root_rows"):
+        RefinementStatistics.model_validate({**body, "root_rows": 5, "counts": [1] * 4, "min_group_size": 1})
+    assert (
+        wire_scale(0.0) == 1.0 and wire_scale(0.75) == 1.0 and wire_scale(1.0) == 2.0 and wire_scale(1e-30) == 2.0**-64
+    )
 
 
 def test_labels_under_the_minimum_group_are_left_out_of_every_statistic() -> None:
@@ -76,9 +124,9 @@ def test_labels_under_the_minimum_group_are_left_out_of_every_statistic() -> Non
 def test_the_payload_validates_and_the_hub_refuses_what_does_not_fit() -> None:
     z, y = _data(200, dim=16)
     req = _request(16)
-    st = make_statistics("site-a", req, "cd" * 16, 5, *statistics(z, y, 5))
+    st = make_statistics("site-a", req, "cd" * 16, 5, *wire_statistics(z, y, 5))
     payload = st.model_dump_json().encode()
-    again = make_statistics("site-a", req, "cd" * 16, 5, *statistics(z, y, 5))
+    again = make_statistics("site-a", req, "cd" * 16, 5, *wire_statistics(z, y, 5))
     assert again.statistics_id == st.statistics_id  # derived from the content
     ok = parse_statistics(payload, "site-a", KEY, 16, 5, 1 << 16)
     assert ok.n_samples == 200
@@ -90,7 +138,7 @@ def test_the_payload_validates_and_the_hub_refuses_what_does_not_fit() -> None:
             parse_statistics(payload, *args, 1 << 16)
         assert err.value.code == code
     body = json.loads(payload)
-    body["gram"] = body["sums"]
+    body["root"] = body["sums"]
     with pytest.raises(Rejected) as err:
         parse_statistics(json.dumps(body).encode(), "site-a", KEY, 16, 5, 1 << 16)
     assert err.value.code == "invalid" and "upper triangle" in err.value.reason
@@ -132,7 +180,7 @@ def test_the_ledger_ties_statistics_to_the_sites_active_contribution(tmp_path: P
     ledger.ingest(c1, c1.to_json_bytes())
     z, y = _data(100, dim=6)
     req = _request(6)
-    st = make_statistics("site-a", req, c1.contribution_id, 5, *statistics(z, y, 5))
+    st = make_statistics("site-a", req, c1.contribution_id, 5, *wire_statistics(z, y, 5))
     payload = st.model_dump_json().encode()
     assert ledger.ingest_refinement(st, payload) is True
     assert ledger.ingest_refinement(st, payload) is False  # a redelivery
@@ -142,7 +190,7 @@ def test_the_ledger_ties_statistics_to_the_sites_active_contribution(tmp_path: P
     ledger.ingest(c2, c2.to_json_bytes())
     assert ledger.active_refinements(KEY) == []
     assert ledger.refinements_based_on([c1.contribution_id]) == [st.statistics_id]
-    stale = make_statistics("site-a", req, c1.contribution_id, 5, *statistics(z[:50], y[:50], 5))
+    stale = make_statistics("site-a", req, c1.contribution_id, 5, *wire_statistics(z[:50], y[:50], 5))
     with pytest.raises(Rejected) as err:
         ledger.ingest_refinement(stale, stale.model_dump_json().encode())
     assert err.value.code == "stale"
@@ -203,6 +251,53 @@ def test_over_the_embedding_the_model_outputs_its_projection_and_every_lambda_is
         with_feature_output((tiny_bundle / "encoder.onnx").read_bytes(), proj)
 
 
+def test_over_embedding_and_random_features_the_embedding_stays_whole_and_the_model_matches_the_hub(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """refine_features embedding+rff: z = [e, phi P'] (the embedding in the first E columns, untouched); the first
+    model and the refined one output the hub's z, and the refined logits are the head over both parts."""
+    from hub.learning.closed_form import ClosedFormHead, to_onnx
+
+    fm = FeatureMap(dim=8, n_features=64, bandwidth=0.7, seed=3)
+    proj = Projection(fm, dim=14, seed=0, kind="embedding+rff")
+    assert proj.matrix.shape == (72, 14) and proj.d_in == 72
+    assert (
+        np.array_equal(proj.matrix[:8, :8], np.eye(8))
+        and not proj.matrix[8:, :8].any()
+        and not proj.matrix[:8, 8:].any()
+    )
+    assert (
+        len({proj.key("enc"), Projection(fm, dim=14, seed=0).key("enc"), Projection(fm, 14, 0, "embedding").key("enc")})
+        == 3
+    )
+    with pytest.raises(ValueError, match="above the embedding"):
+        Projection(fm, dim=8, kind="embedding+rff")
+    images = np.random.default_rng(1).random((40, 1, 8, 8), dtype=np.float32)
+    labels = [str(i % 3) for i in range(40)]
+    emb = FeatureExtractor(tiny_bundle / "encoder.onnx", fm).embed(images)
+    z = proj.features(emb)
+    assert np.abs(z[:, :8] - emb).max() < 1e-12
+    assert np.abs(z[:, 8:] - fm.transform(emb) @ proj.matrix[8:, 8:].astype(np.float64)).max() < 1e-12
+    dummy = ClosedFormHead(np.zeros((64, 3)), np.zeros(3), ("0", "1", "2"), "ridge-balanced", 1e-6, "x")
+    first = tmp_path / "first.onnx"
+    first.write_bytes(with_feature_output(to_onnx(tiny_bundle / "encoder.onnx", fm, dummy), proj))
+    assert np.abs(projected_features(first, "image", OUTPUT, images) - z).max() < 1e-4
+    head = solve(sum_stats([ContributionStats.from_features("a" * 32, KEY, z, np.array(labels))]), lam=1e-4)
+    extra = [solve(sum_stats([ContributionStats.from_features("a" * 32, KEY, z, np.array(labels))]), lam=1e-2)]
+    path = tmp_path / "refined.onnx"
+    path.write_bytes(refined_onnx(tiny_bundle / "encoder.onnx", proj, head, extra))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits", OUTPUT, head_name(0)]
+    logits, out, h0 = sess.run(None, {"image": images})
+    assert np.abs(out - z).max() < 1e-4
+    assert np.abs(logits - head.logits(z)).max() < 1e-3 and np.abs(h0 - extra[0].logits(z)).max() < 1e-3
+    meta = {p.key: p.value for p in __import__("onnx").load(str(path)).metadata_props}
+    folded = ClosedFormHead(proj.matrix.astype(np.float64) @ head.weights, head.bias, head.label_names, head.variant,
+                            head.lam, head.trained_on)  # fmt: skip
+    assert json.loads(meta["fedge.head"])["digest"] == folded.digest()  # the whole folded head, as for rff
+    assert with_feature_output(path.read_bytes(), proj) == path.read_bytes()
+
+
 def test_the_hub_solves_one_head_per_lambda_from_the_same_sum(tmp_path: Path) -> None:
     """Refinement with extra lambdas: `logits` at refine_lam, head_refined_<i> at each extra one, all from one sum,
     named in the model's head outputs; the head's digest names the sum, so a bit-identical refit of it covers all."""
@@ -212,7 +307,7 @@ def test_the_hub_solves_one_head_per_lambda_from_the_same_sum(tmp_path: Path) ->
     req = _request(12)
     payloads = {}
     for i, part in enumerate(np.array_split(np.arange(len(y)), 3)):
-        made = statistics(z[part], [y[j] for j in part], 5)
+        made = wire_statistics(z[part], [y[j] for j in part], 5)
         assert made is not None
         st = make_statistics(f"site-{i}", req, f"{i:032x}", 5, *made)
         payloads[st.statistics_id] = st.model_dump_json().encode()
@@ -247,16 +342,17 @@ def test_once_the_gate_chooses_a_refined_head_the_hub_solves_its_lambda_again_fr
     ref.feature_key = KEY
     emb = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
     parts = np.array_split(np.arange(len(y)), 3)
-    train_ids, held = [], {}
+    train_ids, trained, held = [], [], {}
     for i, idx in enumerate(parts):
         c = make_contribution(f"site-{i}", "enc", emb, ["0"] * 10 + ["1"] * 10, k=1)
         ledger.ingest(c, c.to_json_bytes())
         cut = len(idx) * 4 // 5
-        st = make_statistics(f"site-{i}", _request(12), c.contribution_id, 5, *statistics(z[idx[:cut]], [y[j] for j in idx[:cut]], 5))  # fmt: skip
+        st = make_statistics(f"site-{i}", _request(12), c.contribution_id, 5, *wire_statistics(z[idx[:cut]], [y[j] for j in idx[:cut]], 5))  # fmt: skip
         assert ledger.ingest_refinement(st, st.model_dump_json().encode())
         train_ids.append(st.statistics_id)
+        trained.append(st)
         h = make_statistics(f"site-{i}", _request(12, part="held_out"), c.contribution_id, 5,
-                            *statistics(z[idx[cut:]], [y[j] for j in idx[cut:]], 5))  # fmt: skip
+                            *wire_statistics(z[idx[cut:]], [y[j] for j in idx[cut:]], 5))  # fmt: skip
         assert h.part == "held_out" and h.statistics_id != st.statistics_id
         held[f"site-{i}"] = h
     sites = {f"site-{i}" for i in range(3)}
@@ -285,9 +381,12 @@ def test_once_the_gate_chooses_a_refined_head_the_hub_solves_its_lambda_again_fr
     assert refit is not None and refit.stage == "refit" and refit.refit == choice and refit.heads == ()
     all_ids = [*train_ids, *(h.statistics_id for h in held.values())]
     assert sorted(refit.trained_on) == sorted(all_ids)
-    # The same head as solving the pooled samples at the chosen lambda; a refit from the stored payloads is identical.
+    # The same head as solving every part's statistics, as they travelled, pooled at the chosen lambda (and, up to the
+    # wire's float16, the pooled samples); a refit from the stored payloads is identical.
+    wire = sum_stats([to_stats(p) for p in (*trained, *held.values())])
+    assert np.abs(refit.head.weights - solve(wire, lam=1e-3).weights).max() < 1e-9
     total = sum_stats([ContributionStats.from_features("x" * 32, KEY, z, np.array(y))])
-    assert np.abs(refit.head.weights - solve(total, lam=1e-3).weights).max() < 1e-6
+    assert np.abs(refit.head.weights - solve(total, lam=1e-3).weights).max() < 1e-2 * np.abs(refit.head.weights).max()
     assert [h.digest() for h in ref.refit_heads_from_scratch(refit)] == [refit.head.digest()]
     # site-1 is forgotten: both its parts leave, and the plan chooses again from the training part.
     c = next(c for c in ledger.active() if c.site_id == "site-1")
