@@ -172,3 +172,53 @@ def test_sites_refine_the_head_and_a_forget_request_re_solves_it_exactly(
     finally:
         stop_edges(procs)
         watcher.stop()
+
+
+def test_sites_refine_over_the_embedding_and_random_features(
+    hub_factory: Callable[..., HubService], mosquitto: BrokerSettings, tmp_path: Path
+) -> None:
+    """rounds.refine_features embedding+rff through the services: the edges run the delivered model's concatenated
+    feature output with onnxruntime and send float16 statistics of it; the refined model the hub solves from them
+    outputs, on images, the features the hub computes with the same projection (the embedding whole in the first
+    columns), and its logits classify them."""
+    import onnxruntime as ort
+
+    from hub.learning.closed_form import FeatureExtractor
+
+    hub = hub_factory(
+        rounds={"min_sites": 3, "poll_s": 0.2, "refine": True, "refine_wait_s": 600, "refine_features": "embedding+rff",
+                "refine_dim": 48, "refine_refit": False},
+        synthesis={"samples_per_count": 0.25, "steps": 4, "epochs": 1},
+    )  # fmt: skip
+    assert hub.refinement is not None and hub.refinement.projection.kind == "embedding+rff"
+    watcher = Watcher(mosquitto, [TOPICS.all_sites("refine")])
+    data = datasets.load("digits")
+    four = np.flatnonzero(data.labels < 4)
+    procs = {}
+    try:
+        for i, s in enumerate(SITES):
+            datasets.write_folder(tmp_path / s / "data", data, four[i * 120 : (i + 1) * 120])
+            procs[s] = start_edge(s, tmp_path / s / "data", tmp_path / s / "state", mosquitto.port,
+                                  tmp_path / f"{s}.log", k="2", prefer_cuda="false")  # fmt: skip
+
+        def refined() -> list[int]:
+            return [v for v in hub.registry.versions()
+                    if hub.registry.get(v).manifest.get("refinement", {}).get("sites") == list(SITES)]  # fmt: skip
+
+        wait_for(lambda: bool(refined()), 300, "a model refined from all three sites' statistics")
+        sent = [
+            RefinementStatistics.model_validate_json(p) for s in SITES for p in watcher.on(TOPICS.site(s, "refine"))
+        ]
+        assert {st.dim for st in sent} == {48} and {st.root.dtype for st in sent} == {"float16"}
+        version = hub.registry.get(refined()[0])
+        proj = hub.refinement.projection
+        images = data.images[four[:50]].astype(np.float32)  # [n, 1, 8, 8] in [0, 1], as the encoder takes them
+        sess = ort.InferenceSession(str(version.path), providers=["CPUExecutionProvider"])
+        logits, z_model = sess.run(["logits", "fedge_refine_features"], {sess.get_inputs()[0].name: images})
+        emb = FeatureExtractor(hub.refinement.encoder_onnx, proj.feature_map).embed(images)
+        z = proj.features(emb)
+        assert np.abs(z_model - z).max() < 1e-4 and np.abs(z_model[:, : proj.feature_map.dim] - emb).max() < 1e-5
+        assert (logits.argmax(1) == data.labels[four[:50]]).mean() > 0.8  # a working head over both parts
+    finally:
+        stop_edges(procs)
+        watcher.stop()
