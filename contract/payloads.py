@@ -527,7 +527,8 @@ class RefinementRequest(BaseModel):
 
 
 class RefinementStatistics(BaseModel):
-    """On `site/<id>/refine`: additive statistics of a site's projected features (sums per label, one Gram matrix)."""
+    """On `site/<id>/refine`: additive statistics of a site's projected features (sums per label, a square root of the
+    scatter from which the hub rebuilds the Gram matrix)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

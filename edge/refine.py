@@ -6,7 +6,8 @@ the sum of its features; over every counted sample, the scatter of the features 
 sent as its square root: the upper-triangular R of a QR decomposition of the centered features
 (R^T R = sum (z - mean)(z - mean)^T; `min(n, dim)` rows). The hub rebuilds the Gram matrix as
 R^T R + s s^T / n from what arrived (s: the sum of the sent per-label sums), which is positive
-semi-definite whatever the rounding, so every ridge solve over summed statistics stays well posed.
+semi-definite whatever the rounding, so every ridge solve over summed statistics stays well posed
+(the ridge variants; lda's within-class scatter is not covered, and a refining hub refuses lda).
 All float64 while summing; on the wire float16, the sums and R each divided by one power of two
 (`sums_scale`, `root_scale`) that brings their largest value into [0.5, 1): half the bytes of
 float32, and the solved heads scored the same on the bench's validation cells (docs/bench-fgl.md).
@@ -82,7 +83,8 @@ def wire_statistics(
 def wire_scale(largest: float) -> float:
     """The power of two that brings `largest` (the largest absolute statistic) into [0.5, 1): float16 then holds
     every value with its full precision down to 2^-14 of the largest; 1.0 for all-zero statistics. Kept within
-    the contract's [2^-64, 2^64]: beyond it the features are broken and float16 refuses them (ValueError)."""
+    the contract's [2^-64, 2^64]: above it float16 refuses the values (ValueError: the features are broken);
+    below it (largest values under about 1e-19, no real model's features) they round to zero."""
     if largest <= 0.0:
         return 1.0
     return float(2.0 ** min(max(math.frexp(largest)[1], -64), 64))

@@ -274,6 +274,11 @@ class HubSettings(BaseSettings):
             raise ValueError(
                 "rounds.refine needs model closed_form (the feature part sites run is its encoder and features)"
             )
+        if self.rounds.refine and self.closed_form.variant == "lda":
+            raise ValueError(
+                "rounds.refine needs closed_form.variant ridge or ridge-balanced: the sites' float16 statistics keep "
+                "the ridge system positive definite, but not lda's within-class scatter (docs/mqtt.md)"
+            )
         if self.framu.mode == "auto" and self.model != "closed_form":
             raise ValueError(
                 "framu.mode auto weighs each contribution's statistics, which needs model closed_form; "

@@ -4,13 +4,14 @@
    features (features.py), and publishes a signed, retained `RefinementRequest` on `hub/refine`
    naming that model.
 2. Each site runs the model on its labelled training samples and sends, per label with at least
-   `min_group_size` samples, the count and the sum of its features, plus one Gram matrix Z^T Z of
-   the counted samples (`RefinementStatistics`, float32, a few tens of KB). `ingest` validates and
-   records them (ledger table `refinements`), tied to the site's active contribution.
+   `min_group_size` samples, the count and the sum of its features, plus a square root of the counted
+   samples' scatter (`RefinementStatistics`, float16, 10-26 KB; edge/refine.py). `ingest` validates
+   them, refuses statistics larger than the requested features can produce (`plausible`), and records
+   them (ledger table `refinements`), tied to the site's active contribution.
 3. `wants_round` asks for a round once every site with an active contribution has statistics (or
    `refine_wait_s` after the first that is not yet in a model); `fit` sums the active statistics in
-   id order and solves the class-balanced ridge head exactly (partition-invariant: the sums do not
-   care how the samples were split across sites), once for `lam` (the model's `logits`) and once per
+   id order and solves the class-balanced ridge head exactly (partition-invariant up to the wire's
+   float16 rounding: the sums do not care how the samples were split across sites), once for `lam` (the model's `logits`) and once per
    extra lambda in `lams` (outputs `head_refined_<i>`, features.py), all from the same sum, and
    writes the refined ONNX. The delivery gate picks among the heads on the sites' held-out
    evaluations (hub/delivery/gate.py).
@@ -33,17 +34,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import scipy.linalg
+
 from contract import signing
-from contract.payloads import RefinementRequest, new_id, now
+from contract.payloads import RefinementRequest, RefinementStatistics, new_id, now
 from hub.learning.closed_form import ClosedFormHead, solve, sum_stats
 from hub.learning.exact import ExactModel, training_digest
 from hub.ledger import Ledger
 from hub.refinement.features import OUTPUT, Projection, head_name, refined_onnx, with_feature_output
 from hub.refinement.statistics import parse_statistics, to_stats
-from runtime.outcomes import Outcome
+from runtime.outcomes import Outcome, Rejected
 
 log = logging.getLogger("fedge.hub.refinement")
 
@@ -106,6 +111,9 @@ class Refinement:
         self.key, self.min_group_size, self.max_payload_bytes = signing_key, min_group_size, max_payload_bytes
         self.wait_s, self.variant, self.lam, self.lams, self.refit = wait_s, variant, lam, tuple(lams), refit
         self._pending_since: float | None = None
+        # The largest feature norm the delivered model can output, four times over: |phi| <= sqrt(2) (random
+        # features), |e| = 1 (the encoder's unit embedding), so |z| <= |P|_2 sqrt(3) whatever the kind.
+        self.feature_bound = 4.0 * float(np.linalg.norm(projection.matrix.astype(np.float64), 2)) * np.sqrt(3.0)
 
     # --- the request ---
     def prepare(self, model_onnx: bytes) -> bytes:
@@ -129,11 +137,28 @@ class Refinement:
         st = parse_statistics(
             payload, site_id, self.feature_key, self.projection.dim, self.min_group_size, self.max_payload_bytes
         )
+        self.plausible(st)
         if not self.ledger.ingest_refinement(st, payload):
             return "duplicate"
         log.info("refinement statistics %s from %s: %d labels, %d samples, %d bytes", st.statistics_id[:8], site_id,
                  len(st.labels), st.n_samples, len(payload))  # fmt: skip
         return "accepted"
+
+    def plausible(self, st: RefinementStatistics) -> None:
+        """Rejected unless the statistics could come from the requested features: every label's mean no longer, and
+        the scatter's trace per sample no larger, than `feature_bound` (and its square) allow. Statistics far beyond
+        them (a broken model, a forged upload) could make the summed ridge system numerically singular."""
+        got = to_stats(st)
+        mean_norm = float((np.linalg.norm(got.sums, axis=1) / got.counts).max())
+        spread = float(np.trace(got.gram) / got.counts.sum())  # mean squared norm of the counted features
+        if not (mean_norm <= self.feature_bound and spread <= self.feature_bound**2):
+            raise Rejected(
+                "invalid",
+                f"statistics beyond what the requested features can produce: largest label mean norm {mean_norm:.3g}, "
+                f"mean squared norm {spread:.3g}; the delivered model's features stay within norm "
+                f"{self.feature_bound / 4:.3g}",
+                st.statistics_id,
+            )
 
     # --- policy (main thread) ---
     def plan(self) -> Plan:
@@ -173,8 +198,6 @@ class Refinement:
 
     # --- solving ---
     def _solve(self, payloads: dict[str, bytes], sites: dict[str, str], lam: float, lams: tuple[float, ...]) -> RefinedModel:  # fmt: skip
-        from contract.payloads import RefinementStatistics
-
         t0 = time.perf_counter()
         stats = [to_stats(RefinementStatistics.model_validate_json(payloads[sid])) for sid in sorted(payloads)]
         total = sum_stats(stats)
@@ -197,7 +220,14 @@ class Refinement:
         if not plan.rows:
             return None
         rows = plan.rows
-        model = self._solve({sid: p for sid, _, p in rows}, {sid: site for sid, site, _ in rows}, plan.lam, plan.lams)
+        try:
+            with warnings.catch_warnings():  # an ill-conditioned solve is as unusable as a singular one
+                warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
+                model = self._solve({sid: p for sid, _, p in rows}, {sid: site for sid, site, _ in rows}, plan.lam, plan.lams)  # fmt: skip
+        except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning) as err:  # statistics recorded before `plausible`
+            log.error("the refinement statistics %s give no solvable system (%s); the synthesis model is delivered",
+                      ", ".join(sorted(sid[:8] for sid, _, _ in rows)), err)  # fmt: skip
+            return None
         model.stage, model.refit = plan.stage, plan.refit
         missing = sorted(labels_needed - set(model.label_names))
         if missing:

@@ -4,11 +4,13 @@ feature output the sites run, and the ledger's records (tied to the site's activ
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+import scipy.linalg
 
 from contract import signing
 from contract.payloads import RefinementRequest, RefinementStatistics
@@ -208,6 +210,46 @@ def test_refinement_needs_the_closed_form_model() -> None:
         HubSettings(rounds={"refine": True, "refine_lams": [0.0]})
     with pytest.raises(ValidationError, match="rounds.refine needs model closed_form"):
         HubSettings(rounds={"refine": True}, model="cnn")
+    # lda's within-class scatter is not kept positive semi-definite by the float16 statistics (docs/mqtt.md)
+    with pytest.raises(ValidationError, match="closed_form.variant ridge or ridge-balanced"):
+        HubSettings(rounds={"refine": True}, closed_form={"variant": "lda"})
+    assert HubSettings(closed_form={"variant": "lda"}).closed_form.variant == "lda"  # without refinement it stays
+
+
+def test_statistics_beyond_the_features_are_refused_and_an_unsolvable_sum_delivers_no_refined_model(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """Honest statistics of the projected features pass `plausible`; the same scaled by 1e8 (a broken model, a forged
+    upload) are refused with a reason. Had such statistics been recorded anyway (before the check existed), the sum
+    gives a singular ridge system: `fit` logs it and returns None, so the round delivers the synthesis model."""
+    from hub.refinement import Refinement
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    fm = FeatureMap(dim=8, n_features=64, seed=0)
+    proj = Projection(fm, dim=12, kind="rff")
+    ref = Refinement(ledger, proj, tiny_bundle / "encoder.onnx", "enc", signing.Ed25519PrivateKey.generate(), 5,
+                     1 << 20, 60.0, lam=1e-4, lams=(1e-3,))  # fmt: skip
+    ref.feature_key = KEY
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(60, 8))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)  # unit embeddings, as every bundled encoder outputs
+    z, y = proj.features(emb), [str(i % 3) for i in range(60)]
+    c = make_contribution("site-a", "enc", emb.astype(np.float32), ["0"] * 30 + ["1"] * 30, k=1)
+    ledger.ingest(c, c.to_json_bytes())
+    honest = make_statistics("site-a", _request(12), c.contribution_id, 5, *wire_statistics(z, y, 5))
+    ref.plausible(honest)
+    forged = make_statistics("site-a", _request(12), c.contribution_id, 5, *wire_statistics(z * 1e8, y, 5))
+    with pytest.raises(Rejected) as err:
+        ref.ingest("site-a", forged.model_dump_json().encode())
+    assert err.value.code == "invalid" and "beyond what the requested features can produce" in err.value.reason
+    assert ledger.active_refinements(KEY) == []  # nothing recorded
+    assert ledger.ingest_refinement(forged, forged.model_dump_json().encode())  # as if recorded before the check
+    with warnings.catch_warnings():  # singular, or so ill-conditioned that scipy warns: unusable either way
+        warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
+        with pytest.raises((np.linalg.LinAlgError, scipy.linalg.LinAlgWarning)):
+            solve(sum_stats([to_stats(forged)]), lam=1e-4)
+    assert ref.fit({"0", "1", "2"}) is None
+    ledger.close()
 
 
 def test_over_the_embedding_the_model_outputs_its_projection_and_every_lambda_is_a_head(
