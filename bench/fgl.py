@@ -203,6 +203,13 @@ class Fedge:
     closed_form_onnx: bytes = b""
 
 
+def closed_form_map(w: bu.World, tag: tuple) -> FeatureMap:
+    """The random features of the closed-form model of the round tagged `tag` (bench/unlearning --select's D and
+    bandwidth): what the refinement round projects."""
+    st = bu.Setting()
+    return FeatureMap(w.fm.dim, st.n_features, st.bandwidth, seed=bu.derive(*tag, "rff"))
+
+
 def fedge_round(
     w: bu.World, contribs: list, tag: tuple, eval_idx: np.ndarray, cache: Path, epochs: int, threads: int
 ) -> Fedge | None:
@@ -215,7 +222,7 @@ def fedge_round(
     x, y, nc = w.data.images[eval_idx], w.data.labels[eval_idx], len(w.data.label_names)
     pred = {"cnn": bu.cnn_predict(result.model, result.label_names, w, x)}
     st = bu.Setting()  # the hub's closed-form head: D, bandwidth, variant, lambda chosen by bench/unlearning --select
-    fmap = FeatureMap(w.fm.dim, st.n_features, st.bandwidth, seed=bu.derive(*tag, "rff"))
+    fmap = closed_form_map(w, tag)
     extractor = FeatureExtractor(bundled.path(w.name) / "encoder.onnx", fmap, threads=threads)
     ids = sorted(c.contribution_id for c in useful)
     stats = bu.stats_of(dict.fromkeys(ids, result.synthetic), ids, extractor)
@@ -290,7 +297,7 @@ def probe_wire(grid: Grid) -> list[dict]:
                 used = [p for p in parts if len(p)]
                 for k in grid.select_ks:
                     contribs = contributions(w, parts, k, grid.min_group_size, cell)
-                    fmap = FeatureMap(w.fm.dim, bu.Setting().n_features, bu.Setting().bandwidth, seed=bu.derive(*cell, k, "rff"))  # fmt: skip
+                    fmap = closed_form_map(w, (*cell, k))
                     for kind, d in refine_settings(w, grid):
                         proj = projection(fmap, RefineSetting(kind, d, 0.0), (*cell, k))
                         wire, _ = site_statistics(w, proj, used, contribs, grid.min_group_size)
@@ -1091,25 +1098,19 @@ def main(argv: list[str] | None = None) -> int:
                          "(seconds; writes fgl-wire.json) and exit")  # fmt: skip
     args = ap.parse_args(argv)
     grid = replace(QUICK if args.quick else Grid(), seed=args.seed)
-    if args.probe_wire:
-        size_threads(args.threads)
-        probe = probe_wire(grid)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fgl-wire.json").write_text(json.dumps(probe, indent=1) + "\n")
-        for r in probe:
-            print(r)
-        return 0
+    probes = {"fgl-carves": (args.probe_carves, probe_carves), "fgl-wire": (args.probe_wire, probe_wire)}
+    for stem, (wanted, probe_fn) in probes.items():
+        if wanted:  # a probe on validation data: its JSON, printed too, and exit
+            size_threads(args.threads)
+            probe = probe_fn(grid)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{stem}.json").write_text(json.dumps(probe, indent=1) + "\n")
+            for r in probe:
+                print(r)
+            return 0
     if args.rewrite:
         rewrite(args.out, "fgl-quick" if args.quick else "fgl")
         print(f"rewrote {args.out} from its JSON")
-        return 0
-    if args.probe_carves:
-        size_threads(args.threads)
-        probe = probe_carves(grid)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fgl-carves.json").write_text(json.dumps(probe, indent=1) + "\n")
-        for r in probe:
-            print(r)
         return 0
     for field in ("datasets", "alphas", "sites"):
         if getattr(args, field):
